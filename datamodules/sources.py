@@ -1,0 +1,293 @@
+"""Dataset normalizers: each turns one raw row into a record of the common schema.
+
+Records are dicts with ``source`` and ``row`` (the original row index) plus some of:
+``prompt``, ``response`` (SFT), ``chosen``/``rejected`` (+ optional ``margin``) (preference).
+Prompt-only use needs just ``prompt``. Responses are the raw text that follows the prompt, so
+``prompt + response`` is the original text.
+
+A normalizer factory is registered by name and called with the source's options; it returns a
+function ``row -> record`` that raises :class:`Drop` for rows the data says to skip (counted by
+reason) and :class:`~datamodules.readers.BadRow` for invalid input (an error unless skipping).
+Pure Python: no lightning, deepspeed or wandb.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from datamodules.readers import BadRow, DataError, read_hub, read_rows
+
+ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+HH_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant:"
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+
+
+class Drop(Exception):
+    """A row the normalizer leaves out on purpose; ``reason`` is the drop-count key."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Normalizer = Callable[[dict], dict]
+REGISTRY: dict[str, Callable[..., Normalizer]] = {}
+GENERATORS: dict[str, Callable[..., Iterable[dict]]] = {}
+
+
+def register(name: str):
+    """Register a normalizer factory ``f(**options) -> (row -> record)`` under ``name``."""
+
+    def deco(factory):
+        REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def text(row: dict, name: str, allow_empty: bool = True) -> str:
+    """The string field ``name`` of ``row``, or a BadRow naming the field."""
+    if name not in row:
+        raise BadRow(f"missing_field:{name}", f"field {name!r} is missing")
+    value = row[name]
+    if not isinstance(value, str):
+        raise BadRow(f"wrong_type:{name}", f"field {name!r} should be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRow(f"empty_field:{name}", f"field {name!r} is empty")
+    return value
+
+
+def number(row: dict, name: str) -> float:
+    if name not in row:
+        raise BadRow(f"missing_field:{name}", f"field {name!r} is missing")
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            return float(value)  # CSV cells arrive as strings
+        except (TypeError, ValueError):
+            raise BadRow(f"wrong_type:{name}", f"field {name!r} should be a number, got {value!r}") from None
+    return float(value)
+
+
+def pair(prompt: str, chosen: str, rejected: str) -> dict:
+    """A preference record, dropping empty or identical responses (counted by reason)."""
+    if not chosen.strip():
+        raise Drop("empty_chosen")
+    if not rejected.strip():
+        raise Drop("empty_rejected")
+    if chosen == rejected:
+        raise Drop("identical")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def split_hh(chosen: str, rejected: str) -> dict:
+    """Split two HH dialogues into prompt + responses.
+
+    The prompt is their longest common prefix cut back to end at the last "\\n\\nAssistant:" (not a split
+    on "Assistant:", which breaks on multi-turn dialogues and on replies quoting the word).
+    """
+    if chosen == rejected:
+        raise Drop("identical")
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(ASSISTANT)
+    if cut < 0:
+        raise Drop("no_shared_assistant_turn")
+    prompt = chosen[: cut + len(ASSISTANT)]
+    c, r = chosen[len(prompt):], rejected[len(prompt):]
+    # If a "Human:" turn follows, the two dialogues diverged before the final reply: their
+    # histories differ and there is no single prompt (seen in the real harmless-base data).
+    if re.search(r"\n\s*Human:", c) or re.search(r"\n\s*Human:", r):
+        raise Drop("history_differs")
+    return pair(prompt, c, r)
+
+
+def hh_turns(dialogue: str) -> list[tuple[str, str]]:
+    """Split an HH dialogue into (role, text) turns on "\\n\\nHuman: " / "\\n\\nAssistant: "."""
+    parts = re.split(r"\n\n(Human|Assistant): ?", dialogue)
+    return [(parts[i].lower(), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+
+
+@register("hh_rlhf")
+def hh_rlhf() -> Normalizer:
+    """Anthropic HH-RLHF: ``chosen``/``rejected`` whole dialogues."""
+    return lambda row: split_hh(text(row, "chosen"), text(row, "rejected"))
+
+
+@register("shp")
+def shp(min_score_ratio: Optional[float] = None, max_pairs_per_post: Optional[int] = None) -> Normalizer:
+    """Stanford SHP: A is preferred when ``labels == 1``. The SHP authors suggest min_score_ratio=2."""
+    per_post: Counter = Counter()
+
+    def norm(row):
+        post, a, b = text(row, "history", False), text(row, "human_ref_A"), text(row, "human_ref_B")
+        label = number(row, "labels")
+        if label not in (0, 1):
+            raise BadRow("wrong_value:labels", f"field 'labels' should be 0 or 1, got {row['labels']!r}")
+        if min_score_ratio is not None and number(row, "score_ratio") < min_score_ratio:
+            raise Drop("score_ratio_below_min")
+        if max_pairs_per_post is not None:
+            key = row.get("post_id", post)
+            if per_post[key] >= max_pairs_per_post:
+                raise Drop("post_cap")
+            per_post[key] += 1
+        chosen, rejected = (a, b) if label == 1 else (b, a)
+        return pair(HH_TEMPLATE.format(prompt=post), " " + chosen, " " + rejected)
+
+    return norm
+
+
+def tldr_prompt(row: dict) -> str:
+    fields = {k: text(row, k) for k in ("subreddit", "title", "post")}
+    return TLDR_TEMPLATE.format(**fields)
+
+
+@register("tldr")
+def tldr() -> Normalizer:
+    """Reddit TL;DR for SFT, OpenAI layout (subreddit/title/post/summary) or CarperAI (prompt/label)."""
+
+    def norm(row):
+        if "prompt" in row or "label" in row:
+            prompt, response = text(row, "prompt"), text(row, "label")
+        else:
+            prompt, response = tldr_prompt(row), text(row, "summary")
+        if not response.strip():
+            raise Drop("empty_response")
+        return {"prompt": prompt, "response": response}
+
+    return norm
+
+
+@register("comparisons")
+def comparisons() -> Normalizer:
+    """OpenAI summarize-from-feedback comparisons: nested (info/summaries/choice) or CarperAI (prompt/chosen/rejected)."""
+
+    def norm(row):
+        if "info" not in row:
+            prompt = text(row, "prompt")
+            # CarperAI's chosen/rejected repeat "TL;DR:", which the prompt already ends with.
+            c, r = (re.sub(r"^TL;DR:", "", text(row, k)) for k in ("chosen", "rejected"))
+            return pair(prompt, c, r)
+        info, summaries = row["info"], row.get("summaries")
+        if not isinstance(info, dict):
+            raise BadRow("wrong_type:info", "field 'info' should be an object")
+        if not isinstance(summaries, list) or len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
+            raise BadRow("wrong_type:summaries", "field 'summaries' should be a list of two objects with 'text'")
+        choice = number(row, "choice")
+        if choice not in (0, 1):
+            raise BadRow("wrong_value:choice", f"field 'choice' should be 0 or 1, got {row['choice']!r}")
+        if "post" not in info and "article" in info:  # the CNN/DM part of the release
+            info = {"subreddit": info.get("site", "news"), "title": info.get("title") or "", "post": info["article"]}
+        prompt = tldr_prompt(info)
+        texts = [text(s, "text") for s in summaries]
+        return pair(prompt, texts[int(choice)], texts[1 - int(choice)])
+
+    return norm
+
+
+@register("rm_static")
+def rm_static() -> Normalizer:
+    """Dahoas rm-static style rows: prompt, response, chosen, rejected."""
+    return lambda row: pair(text(row, "prompt"), text(row, "chosen"), text(row, "rejected"))
+
+
+@register("prompts")
+def prompts(template: str = HH_TEMPLATE, field: str = "prompt") -> Normalizer:
+    """Prompt-only CSV/JSON (e.g. awesome-chatgpt-prompts: act, prompt), wrapped in ``template``."""
+
+    def norm(row):
+        value = text(row, field)
+        if not value.strip():
+            raise Drop("empty_prompt")
+        return {"prompt": template.format(prompt=value)}
+
+    return norm
+
+
+@register("json")
+def generic(fields: Optional[dict[str, str]] = None, template: str = "{prompt}") -> Normalizer:
+    """Any local table: ``fields`` maps record keys (prompt, response, chosen, rejected, margin) to columns."""
+    fields = fields or {"prompt": "prompt", "response": "response"}
+    unknown = set(fields) - {"prompt", "response", "chosen", "rejected", "margin"}
+    if unknown or "prompt" not in fields:
+        raise DataError(f"json source: 'fields' must map 'prompt' and any of response/chosen/rejected/margin; got {sorted(fields)}")
+
+    def norm(row):
+        rec = {k: (number(row, col) if k == "margin" else text(row, col)) for k, col in fields.items()}
+        rec["prompt"] = template.format(prompt=rec["prompt"])
+        if "response" in rec and not rec["response"].strip():
+            raise Drop("empty_response")
+        if "chosen" in rec and "rejected" in rec:
+            out = pair(rec["prompt"], rec["chosen"], rec["rejected"])
+            return {**rec, **out}
+        return rec
+
+    return norm
+
+
+@dataclass
+class LoadResult:
+    """Records of one source and how many rows were read and dropped (by reason)."""
+
+    name: str
+    records: list[dict]
+    rows: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.name, "rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped)}
+
+
+def load_source(
+    name: str,
+    path: Optional[str] = None,
+    hub: Optional[str] = None,
+    hub_split: str = "train",
+    hub_subset: Optional[str] = None,
+    options: Optional[dict] = None,
+    skip_bad_rows: bool = False,
+    label: Optional[str] = None,
+) -> LoadResult:
+    """Read and normalise every row of one source. Strict by default: the first bad row raises a
+    :class:`DataError` naming file, row and field; with ``skip_bad_rows`` it is counted instead.
+    Invariant: ``rows == kept + sum(dropped.values())``."""
+    options = dict(options or {})
+    label = label or name
+    if name in GENERATORS:
+        rows = ((f"{name} row {i}", r) for i, r in enumerate(GENERATORS[name](**options)))
+        norm: Normalizer = lambda r: r  # generated rows are records already
+    elif name in REGISTRY:
+        if (path is None) == (hub is None):
+            raise DataError(f"source {label!r}: give exactly one of 'path' (a local file) or 'hub' (a dataset name)")
+        try:
+            norm = REGISTRY[name](**options)
+        except TypeError as e:
+            raise DataError(f"source {label!r}: bad options {sorted(options)}: {e}") from None
+        rows = read_rows(os.path.expanduser(path)) if path else read_hub(hub, hub_split, hub_subset)
+    else:
+        raise DataError(f"unknown source {name!r}; registered: {sorted({*REGISTRY, *GENERATORS})}")
+    result = LoadResult(label, [])
+    for i, (where, row) in enumerate(rows):
+        result.rows += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            record = norm(row)
+        except Drop as d:
+            result.dropped[d.reason] += 1
+            continue
+        except BadRow as b:
+            if not skip_bad_rows:
+                msg = str(b) if str(b).startswith(str(where)) else f"{where}: {b}"
+                raise DataError(msg) from None
+            result.dropped[b.reason] += 1
+            continue
+        result.records.append({**record, "source": label, "row": i})
+    return result

@@ -1,0 +1,176 @@
+"""One LightningDataModule per RLHF stage over a :class:`~datamodules.blend.Blend`.
+
+Each owns the tokenizer spec (a stage module reads ``trainer.datamodule.tokenizer``), encodes its
+stage's part of the blend once in ``setup`` (id lists, padded per batch) and reports rows kept and
+dropped by reason.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import partial
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules import collate as C
+from datamodules.blend import Blend
+from rlhf_lit.tokenizer import TokenizerSpec
+
+
+class StageDataModule(L.LightningDataModule):
+    """Base: blend -> stage records -> encoded items -> padded batches."""
+
+    stage = "sft"
+
+    def __init__(
+        self,
+        blend: Blend,
+        tokenizer: TokenizerSpec,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        max_seq_len: int = 512,
+        eval_limit: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """Args:
+        blend: the sources, weights and stage split.
+        tokenizer: tokenizer spec (hub/local path, or a BPE trained on the blend's text).
+        batch_size: training batch size per process.
+        eval_batch_size: validation batch size (defaults to batch_size).
+        max_seq_len: longest sequence in tokens (prompt + response).
+        eval_limit: use at most this many held-out records for validation.
+        num_workers: DataLoader workers.
+        seed: shuffling seed of the training loader.
+        """
+        super().__init__()
+        self.blend, self.tokenizer_spec = blend, tokenizer
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.max_seq_len, self.eval_limit, self.num_workers, self.seed = max_seq_len, eval_limit, num_workers, seed
+        self.tokenizer = None
+        self.train_items: list[dict] = []
+        self.eval_items: list[dict] = []
+        self.eval_records: list[dict] = []
+        self.dropped: Counter = Counter()
+
+    def corpus(self):
+        """Every text of the blend, for training a tokenizer on the run's own data."""
+        for stage in ("sft", "reward", "ppo"):
+            for part in ("train", "eval"):
+                for r in self.blend.records(stage, part):
+                    yield from (r[k] for k in ("prompt", "response", "chosen", "rejected") if k in r)
+
+    def encode(self, records: list[dict]) -> tuple[list[dict], Counter]:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.tokenizer_spec.load(texts=self.corpus)
+        if self.train_items or self.eval_items:
+            return
+        self.train_items, dropped = self.encode(self.blend.records(self.stage))
+        self.eval_records = self.blend.records(self.stage, "eval")[: self.eval_limit]
+        self.eval_items, eval_dropped = self.encode(self.eval_records)
+        self.dropped = dropped + eval_dropped
+        if not self.train_items:
+            raise ValueError(f"{type(self).__name__}: the blend gives no {self.stage!r} training records; "
+                             f"check the sources and the split {self.blend.split}")
+        rank_zero_info(json.dumps({"data": self.blend.report(), "stage": self.stage, "train": len(self.train_items),
+                                   "eval": len(self.eval_items), "dropped_when_encoding": dict(self.dropped)}))
+
+    def _loader(self, items, batch_size, shuffle):
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+
+    def train_dataloader(self):
+        return self._loader(self.train_items, self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.eval_items, self.eval_batch_size, shuffle=False) if self.eval_items else []
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+class SFTDataModule(StageDataModule):
+    """Prompt + response pairs for supervised fine-tuning."""
+
+    stage = "sft"
+
+    def __init__(self, *args, mask_prompt: bool = True, **kwargs) -> None:
+        """Args:
+        mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
+        """
+        super().__init__(*args, **kwargs)
+        self.mask_prompt = mask_prompt
+
+    def encode(self, records):
+        return C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt)
+
+    def collate(self, items):
+        return C.collate_sft(items, self.tokenizer.pad_token_id)
+
+
+class PreferenceDataModule(StageDataModule):
+    """Prompt + chosen/rejected pairs for the reward model."""
+
+    stage = "reward"
+
+    def encode(self, records):
+        return C.encode_pairs(self.tokenizer, records, self.max_seq_len)
+
+    def collate(self, items):
+        return C.collate_pairs(items, self.tokenizer.pad_token_id)
+
+
+class PromptDataModule(StageDataModule):
+    """Prompts for PPO rollouts (left-padded), plus an optional pretraining/SFT blend for PPO-ptx."""
+
+    stage = "ppo"
+
+    def __init__(self, *args, max_prompt_len: int = 256, ptx_blend: Optional[Blend] = None,
+                 ptx_batch_size: Optional[int] = None, **kwargs) -> None:
+        """Args:
+        max_prompt_len: prompts are cut from the left to this many tokens.
+        ptx_blend: SFT-style data whose language-model loss is mixed into the actor's (InstructGPT's PPO-ptx).
+        ptx_batch_size: batch size of the ptx loader (defaults to batch_size).
+        """
+        super().__init__(*args, **kwargs)
+        self.max_prompt_len, self.ptx_blend = max_prompt_len, ptx_blend
+        self.ptx_batch_size = ptx_batch_size or self.batch_size
+        self.ptx_items: list[dict] = []
+
+    def encode(self, records):
+        return C.encode_prompts(self.tokenizer, records, self.max_prompt_len)
+
+    def collate(self, items):
+        return C.collate_prompts(items, self.tokenizer.pad_token_id)
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        if self.ptx_blend is not None and not self.ptx_items:
+            self.ptx_items, dropped = C.encode_sft(self.tokenizer, self.ptx_blend.records("sft"), self.max_seq_len)
+            self.dropped += dropped
+            if not self.ptx_items:
+                raise ValueError("PromptDataModule: ptx_blend gives no SFT records")
+
+    def train_dataloader(self):
+        prompts = super().train_dataloader()
+        if not self.ptx_items:
+            return prompts
+        # Repeat the ptx data so it lasts as long as the prompts: the prompts define the epoch.
+        need = len(prompts) * self.ptx_batch_size
+        items = self.ptx_items * (need // len(self.ptx_items) + 1)
+        ptx = DataLoader(items, batch_size=self.ptx_batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(self.seed + 1),
+                         collate_fn=partial(C.collate_sft, pad_id=self.tokenizer.pad_token_id))
+        return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")

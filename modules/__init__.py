@@ -1,0 +1,6 @@
+"""One LightningModule per RLHF stage."""
+from modules.ppo import PPOModule
+from modules.reward import RewardModule
+from modules.sft import SFTModule
+
+__all__ = ["SFTModule", "RewardModule", "PPOModule"]

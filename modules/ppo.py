@@ -1,0 +1,221 @@
+"""Stage 3: PPO of the actor against a reward source, with a critic, a frozen reference, a KL penalty,
+an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed-Chat step 3)."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from rlhf_lit import losses, ppo
+from rlhf_lit.estimators import GAE, AdvantageEstimator
+from rlhf_lit.generation import GenerationConfig
+from rlhf_lit.kl_control import FixedKL, KLController
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, lm_inputs, merged
+from rlhf_lit.ops import masked_mean
+from rlhf_lit.optim import LRSchedule, param_groups
+from rlhf_lit.rewards import RewardSource
+from rlhf_lit.rollout import ActorCritic, PPOConfig, Rollout, make_rollout
+from rlhf_lit.stage import StageModule
+
+
+class PPOModule(StageModule):
+    """Manual optimization: each training step makes one rollout batch and runs the PPO epochs on it."""
+
+    stage = "ppo"
+
+    def __init__(
+        self,
+        actor: ModelSpec,
+        reward: RewardSource,
+        critic: Optional[ModelSpec] = None,
+        reference: Optional[ModelSpec] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Optional[LRSchedule] = None,
+        weight_decay: float = 0.0,
+        kl: Optional[KLController] = None,
+        advantage: Optional[AdvantageEstimator] = None,
+        generation: Optional[GenerationConfig] = None,
+        algo: Optional[PPOConfig] = None,
+        lora: Optional[LoRA] = None,
+        samples_every: int = 10,
+    ) -> None:
+        """Args:
+        actor: spec of the policy (usually the SFT export).
+        reward: reward source: the reward model, a Python function, or a weighted sum.
+        critic: spec of the value model (usually the reward export); required by critic-based estimators.
+        reference: spec of the frozen reference (default: the actor's spec; with LoRA, the actor with
+            adapters disabled).
+        optimizer: optimizer class and arguments; its lr is the actor's (the critic's is algo.critic_lr).
+        schedule: warmup + decay of both learning rates.
+        weight_decay: decoupled weight decay of the weight matrices.
+        kl: KL coefficient controller (default: fixed beta 0.05).
+        advantage: advantage estimator: GAE (default), GRPO or RLOO.
+        generation: rollout sampling settings.
+        algo: the PPO update's knobs.
+        lora: train low-rank adapters on the actor.
+        samples_every: keep prompt/response/score samples for the sample table every n steps.
+        """
+        super().__init__(optimizer, schedule, weight_decay)
+        self.save_hyperparameters(ignore=["reward"])
+        self.automatic_optimization = False
+        self.actor_spec, self.critic_spec, self.ref_spec = actor, critic, reference or actor
+        self.reward, self.lora = reward, lora
+        self.kl = kl or FixedKL(0.05)
+        self.advantage = advantage or GAE()
+        self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
+        if self.advantage.needs_critic and critic is None:
+            raise ValueError(f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward export)")
+        self.samples_every = samples_every
+        self.ac = self.ref = self.ema = None
+        self.samples: list[dict] = []
+
+    def configure_model(self) -> None:
+        if self.ac is not None:
+            return
+        policy = self.actor_spec.build_causal_lm(self.tokenizer)
+        if self.actor_spec.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy = apply_lora(policy, self.lora)
+        critic = self.critic_spec.build_scalar(self.tokenizer) if self.advantage.needs_critic else None
+        self.ac = ActorCritic(policy, critic)
+        if self.lora is None:
+            self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
+        self.reward.build(self.tokenizer)
+        self.reward.eval().requires_grad_(False)
+        if self.algo.ema_beta is not None:
+            self.ema = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def trainable_groups(self):
+        groups = param_groups(self.ac.policy, self.weight_decay)
+        if self.ac.critic is not None:
+            groups += param_groups(self.ac.critic, self.weight_decay, lr=self.algo.critic_lr)
+        return groups
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.ref, self.reward, self.ema):  # frozen models stay in eval mode (no dropout)
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- the algorithm ------------------------------------------------------------------------
+    def rollout(self, batch) -> Rollout:
+        ids, mask, prompts = batch["prompt_ids"], batch["prompt_mask"], batch["prompt"]
+        k = self.advantage.samples_per_prompt
+        if k > 1:  # group estimators: k samples of every prompt, adjacent rows
+            ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            prompts = [p for p in prompts for _ in range(k)]
+        return make_rollout(self.ac, self.ref, self.reward, self.tokenizer, ids, mask, prompts, self.gen,
+                            ref_from_adapters=self.lora is not None)
+
+    def rewards(self, ro: Rollout):
+        """Clipped (and eos-penalised) scores plus the per-token KL penalty. Returns (B, R) and stats."""
+        scores = ro.scores
+        if self.algo.missing_eos_penalty is not None:
+            scores = scores - self.algo.missing_eos_penalty * (~ro.ended).float()
+        if self.algo.score_clip is not None:
+            scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
+        rewards, stats = ppo.shaped_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl.value,
+                                            self.algo.kl_estimator)
+        if self.algo.whiten_rewards:
+            rewards = ppo.whiten(rewards, ro.mask, shift_mean=False)
+        return rewards, stats
+
+    def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx):
+        a = self.algo
+        mask = ro.mask[idx]
+        logprobs, entropy, values = self.ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.gen.temperature)
+        loss, stats = ppo.policy_loss(logprobs, ro.logprobs[idx], adv[idx], mask, a.clip_eps)
+        stats["ratio_max"] = torch.exp((logprobs - ro.logprobs[idx]) * mask).max().detach()
+        if values is not None:
+            vf, vf_stats = ppo.value_loss(values, ro.values[idx], ret[idx], mask, a.value_clip)
+            loss, stats = loss + a.vf_coef * vf, {**stats, **vf_stats}
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * masked_mean(entropy, mask)
+        if ptx is not None and a.ptx_coef:
+            logits = self.ac.policy(**lm_inputs(self.ac.policy, ptx["input_ids"], ptx["attention_mask"]), use_cache=False).logits
+            ptx_loss, _ = losses.sft_loss(logits, ptx["input_ids"], ptx["loss_mask"])
+            loss, stats["ptx_loss"] = loss + a.ptx_coef * ptx_loss, ptx_loss.detach()
+        return loss, stats
+
+    def training_step(self, batch, batch_idx):
+        prompts, ptx = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)
+        ro = self.rollout(prompts)
+        rewards, kl_stats = self.rewards(ro)
+        adv, ret = self.advantage(rewards, ro.values, ro.mask)
+        if self.algo.whiten_advantages:
+            adv = ppo.whiten(adv, ro.mask)
+
+        t0, opt, n = time.perf_counter(), self.optimizers(), ro.mask.size(0)
+        per_step, skipped = [], 0
+        for _ in range(self.algo.ppo_epochs):
+            order = torch.randperm(n, device=ro.mask.device)
+            for idx in order.chunk(min(self.algo.num_minibatches, n)):
+                loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx)
+                if not torch.isfinite(loss) or (self.algo.max_ratio and stats["ratio_max"] > self.algo.max_ratio):
+                    skipped += 1  # a diverged update: skip it rather than poison the weights
+                    continue
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+                self.update_ema()
+                per_step.append(stats)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.kl.update(float(kl_stats["kl"]), n)
+
+        timing = {**ro.timing, "train_s": time.perf_counter() - t0}
+        self.log_step(ro, kl_stats, per_step, skipped, timing)
+        if self.samples_every and batch_idx % self.samples_every == 0:
+            self.samples = [{"prompt": p, "response": r, "score": float(s)}
+                            for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- beta * ema + (1 - beta) * actor, after every optimizer step (DeepSpeed-Chat's beta 0.992)."""
+        if self.ema is not None:
+            beta = self.algo.ema_beta
+            for e, p in zip(self.ema.parameters(), self.ac.policy.parameters()):
+                e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
+
+    def log_step(self, ro: Rollout, kl_stats, per_step, skipped, timing) -> None:
+        n_tok = float(ro.mask.sum())
+        logs = {
+            "objective/scores": ro.scores.mean(),
+            "objective/kl": kl_stats["kl"],
+            "objective/non_score_reward": kl_stats["non_score_reward"],
+            "objective/rlhf_reward": kl_stats["rlhf_reward"],
+            "objective/entropy": masked_mean(ro.entropy, ro.mask),
+            "objective/kl_coef": self.kl.value,
+            "rollout/response_len_mean": ro.mask.sum(-1).mean(),
+            "rollout/eos_fraction": ro.eos_fraction,
+            "ppo/skipped_minibatches": float(skipped),
+            **{f"time/{k}": v for k, v in timing.items()},
+            "time/tokens_per_s": n_tok / max(sum(timing.values()), 1e-9),
+            "time/prompts_per_s": ro.mask.size(0) / max(sum(timing.values()), 1e-9),
+        }
+        for key in per_step[0] if per_step else []:
+            logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
+        self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))
+        self.log("objective/scores_pb", ro.scores.mean(), prog_bar=True, logger=False)
+
+    # -- resume and export ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["kl_controller"] = self.kl.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "kl_controller" in checkpoint:
+            self.kl.load_state_dict(checkpoint["kl_controller"])
+
+    def export_models(self):
+        save = lambda m: (lambda out: merged(m).save_pretrained(out, safe_serialization=True))  # noqa: E731
+        out = {"actor": save(self.ac.policy)}
+        if self.ema is not None:
+            out["actor_ema"] = save(self.ema)
+        if self.ac.critic is not None:
+            out["critic"] = lambda p: self.ac.critic.save_pretrained(p)
+        return out

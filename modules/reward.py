@@ -1,0 +1,99 @@
+"""Stage 2: a reward model trained on preference pairs (Bradley-Terry), scored at the last attended token."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from rlhf_lit import losses
+from rlhf_lit.models import ModelSpec
+from rlhf_lit.ops import last_attended_index
+from rlhf_lit.optim import LRSchedule
+from rlhf_lit.stage import StageModule
+
+LOSSES = ("bradley_terry", "divergent_suffix")
+
+
+class RewardModule(StageModule):
+    """Scalar-head model; each batch holds B chosen rows then B rejected rows, scored in one forward."""
+
+    stage = "reward"
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Optional[LRSchedule] = None,
+        weight_decay: float = 0.0,
+        loss: str = "bradley_terry",
+        center_coef: float = 0.0,
+    ) -> None:
+        """Args:
+        model: spec of the backbone (a value head is added, or loaded with a reward export).
+        optimizer: optimizer class and arguments.
+        schedule: warmup + decay of the learning rate.
+        weight_decay: decoupled weight decay of the weight matrices.
+        loss: 'bradley_terry' on the last-token scores (with the pair's margin when the data has one),
+            or 'divergent_suffix', DeepSpeed-Chat's token-wise loss over the differing suffix.
+        center_coef: weight of the reward-centering term (Eisenstein et al. 2023); 0 disables it.
+        """
+        super().__init__(optimizer, schedule, weight_decay)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.save_hyperparameters()
+        self.spec, self.loss_type, self.center_coef = model, loss, center_coef
+        self.model = None
+        # Running mean of the score and its square: the export records mean/std for PPO's normalisation.
+        self.score_mean, self.score_sq = MeanMetric(), MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.spec.build_scalar(self.tokenizer)
+            if self.spec.gradient_checkpointing:
+                self.model.backbone.gradient_checkpointing_enable()
+
+    def forward(self, input_ids, attention_mask):
+        """(B, T) -> scores (B,) at each row's last attended token."""
+        return self.model.score(input_ids, attention_mask)
+
+    def step(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        values = self.model(ids, mask)  # (2B, T)
+        scores = values.gather(1, last_attended_index(mask).unsqueeze(1)).squeeze(1)
+        b = ids.size(0) // 2
+        chosen, rejected = scores[:b], scores[b:]
+        if self.loss_type == "divergent_suffix":
+            loss, stats = losses.divergent_suffix_loss(values[:b], values[b:], ids[:b], ids[b:], mask[:b], mask[b:],
+                                                       chosen, rejected)
+        else:
+            loss, stats = losses.pairwise_loss(chosen, rejected, batch.get("margin"), self.center_coef)
+        return loss, stats, scores.detach()
+
+    def training_step(self, batch, batch_idx):
+        loss, stats, _ = self.step(batch)
+        b = batch["input_ids"].size(0) // 2
+        self.log_dict({f"rm/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_throughput(int(batch["attention_mask"].sum()), b, "pairs")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, stats, scores = self.step(batch)
+        self.score_mean.update(scores)
+        self.score_sq.update(scores**2)
+        b = batch["input_ids"].size(0) // 2
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=b, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        if self.score_mean.update_count:
+            mean, sq = self.score_mean.compute(), self.score_sq.compute()
+            self.log_dict({"val/score_mean": mean, "val/score_std": (sq - mean**2).clamp(min=0).sqrt()})
+        self.score_mean.reset()
+        self.score_sq.reset()
+
+    def export_models(self):
+        metrics = self.trainer.callback_metrics
+        meta = {k: float(metrics[f"val/{k}"]) for k in ("score_mean", "score_std") if f"val/{k}" in metrics}
+        return {"": lambda out: self.model.save_pretrained(out, meta=meta)}

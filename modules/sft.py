@@ -1,0 +1,101 @@
+"""Stage 1: supervised fine-tuning of the policy on prompt -> response demonstrations."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.text.rouge import ROUGEScore
+
+from rlhf_lit import losses
+from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, lm_inputs, merged
+from rlhf_lit.ops import pad_sequences
+from rlhf_lit.optim import LRSchedule
+from rlhf_lit.stage import StageModule
+
+
+class SFTModule(StageModule):
+    """Causal-LM loss on prompt + response (prompt tokens masked by the datamodule's ``loss_mask``)."""
+
+    stage = "sft"
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Optional[LRSchedule] = None,
+        weight_decay: float = 0.0,
+        lora: Optional[LoRA] = None,
+        rouge_samples: int = 0,
+        generation: Optional[GenerationConfig] = None,
+    ) -> None:
+        """Args:
+        model: spec of the policy to fine-tune (built in configure_model).
+        optimizer: optimizer class and arguments; biases and norms get no weight decay.
+        schedule: warmup + decay of the learning rate.
+        weight_decay: decoupled weight decay of the weight matrices.
+        lora: train low-rank adapters instead of all weights (merged on export).
+        rouge_samples: at each validation, greedily generate for this many held-out prompts and log
+            ROUGE-1/2/L against the references (0 disables).
+        generation: settings of those generations (greedy by default).
+        """
+        super().__init__(optimizer, schedule, weight_decay)
+        self.save_hyperparameters()
+        self.spec, self.lora, self.rouge_samples = model, lora, rouge_samples
+        self.generation = generation or GenerationConfig(do_sample=False)
+        self.model = None
+        self.samples: list[dict] = []
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            model = self.spec.build_causal_lm(self.tokenizer)
+            if self.spec.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            self.model = apply_lora(model, self.lora)
+
+    def forward(self, input_ids, attention_mask):
+        """(B, T) ids and mask -> logits (B, T, V)."""
+        return self.model(**lm_inputs(self.model, input_ids, attention_mask), use_cache=False).logits
+
+    def step(self, batch):
+        return losses.sft_loss(self(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"])
+
+    def training_step(self, batch, batch_idx):
+        loss, stats = self.step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_throughput(int(batch["attention_mask"].sum()), batch["input_ids"].size(0), "samples")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, stats = self.step(batch)
+        n = batch["input_ids"].size(0)
+        self.log("val/loss", loss, batch_size=n, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self):
+        if "val/loss" in self.trainer.callback_metrics:
+            self.log("val/ppl", math.exp(min(20.0, float(self.trainer.callback_metrics["val/loss"]))))
+        if self.rouge_samples and not self.trainer.sanity_checking:
+            self.log_dict({f"val/{k}": v for k, v in self.rouge().items()})
+
+    def rouge(self) -> dict[str, float]:
+        """ROUGE-1/2/L (F-measure) of greedy generations on held-out prompts; keeps them in ``samples``."""
+        records = self.trainer.datamodule.eval_records[: self.rouge_samples]
+        if not records:
+            return {}
+        texts, refs = [], [r["response"] for r in records]
+        bs = self.trainer.datamodule.eval_batch_size
+        for i in range(0, len(records), bs):
+            prompts = [r["prompt"] for r in records[i : i + bs]]
+            ids, mask = pad_sequences(self.tokenizer(prompts, add_special_tokens=False)["input_ids"],
+                                      self.tokenizer.pad_token_id, side="left")
+            out, out_mask = generate(self.model, self.tokenizer, ids.to(self.device), mask.to(self.device), self.generation)
+            texts += decode(self.tokenizer, out, out_mask)
+        self.samples = [{"prompt": r["prompt"], "generation": t, "reference": ref} for r, t, ref in zip(records, texts, refs)]
+        scores = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))(texts, refs)
+        return {k.replace("_fmeasure", ""): float(v) for k, v in scores.items() if k.endswith("_fmeasure")}
+
+    def export_models(self):
+        return {"": lambda out: merged(self.model).save_pretrained(out, safe_serialization=True)}

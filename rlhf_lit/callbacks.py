@@ -1,0 +1,79 @@
+"""Callbacks: the Hugging Face export at the end of fit, and sample tables for W&B (or JSONL)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+
+class HFExport(L.Callback):
+    """At the end of fit, write the stage's models in Hugging Face format to ``dirpath``.
+
+    The directory opens with ``from_pretrained`` (SFT, PPO actor) or ``load_scalar_model`` (reward,
+    critic). It is written to a temporary sibling and renamed, so a crash leaves no half export.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        """Args:
+        dirpath: output directory (replaced if it exists).
+        """
+        self.dirpath = Path(dirpath)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        data = dm.blend.report() if dm is not None and hasattr(dm, "blend") else []
+        tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        pl_module.export(tmp, data=data)
+        old = self.dirpath.with_name(f".{self.dirpath.name}.old")
+        if self.dirpath.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            self.dirpath.rename(old)
+        tmp.rename(self.dirpath)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class SampleTable(L.Callback):
+    """Every ``every_n`` validations (SFT) or training steps (PPO), log the module's ``samples``
+    (a list of dicts such as prompt / generation / reference / score) as a W&B table, or append them
+    to ``samples.jsonl`` in the log directory when W&B is not the logger."""
+
+    def __init__(self, every_n: int = 1, max_rows: int = 16) -> None:
+        """Args:
+        every_n: log every n-th time the module has new samples.
+        max_rows: rows per table.
+        """
+        self.every_n, self.max_rows, self.count = every_n, max_rows, 0
+
+    def _emit(self, trainer, pl_module, key):
+        samples = getattr(pl_module, "samples", None)
+        if not samples or not trainer.is_global_zero:
+            return
+        self.count += 1
+        if (self.count - 1) % self.every_n:
+            return
+        rows = samples[: self.max_rows]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                cols = list(rows[0])
+                logger.log_table(key=key, columns=cols, data=[[r[c] for c in cols] for r in rows], step=trainer.global_step)
+                return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": trainer.global_step, "key": key, **r}) + "\n")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._emit(trainer, pl_module, "val/samples")
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if getattr(pl_module, "stage", "") == "ppo":
+            self._emit(trainer, pl_module, "ppo/samples")

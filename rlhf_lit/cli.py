@@ -1,0 +1,58 @@
+"""The ``rlhf-lit`` command: LightningCLI for fit/validate/test, plus the project's own subcommands.
+
+Stage modules and datamodules are chosen by ``class_path`` in YAML, so this file imports none of
+them; subcommands that live beside them are resolved by import path, the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Optional
+
+# Set before lightning/transformers import: W&B then never blocks on a login prompt without a TTY.
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SUBCOMMANDS = {
+    "data": "datamodules.inspect:main",
+}
+LIGHTNING = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
+    """LightningCLI over any LightningModule / LightningDataModule named by class_path."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0
+    if argv and argv[0] not in LIGHTNING and not argv[0].startswith("-"):
+        print(f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
+              file=sys.stderr)
+        return 2
+    lightning_cli(None if from_shell else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Model specs and the scalar-head model used as reward model and critic.
+
+Modules receive *specs* and call ``build_*`` inside ``configure_model()``, so DeepSpeed ZeRO-3 can
+partition weights at construction. ``HFModel`` loads from the hub or a directory (real
+``from_pretrained`` code); ``TinyModel`` builds a small random model of a given family from a config
+(offline work and tests).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+from rlhf_lit.hub import hub_errors
+from rlhf_lit.ops import last_attended_index, position_ids_from_mask
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALUE_HEAD_FILE = "value_head.safetensors"
+SCALAR_META_FILE = "scalar_model.json"
+
+
+def _tiny_kwargs(family: str, h: int, layers: int, heads: int, ffn: int, positions: int) -> dict:
+    """Config keywords of each family for the same small shape (names differ between families)."""
+    head_dim = h // heads
+    table = {
+        "opt": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                    max_position_embeddings=positions, word_embed_proj_dim=h),
+        "gpt2": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions),
+        "bloom": dict(hidden_size=h, n_layer=layers, n_head=heads),
+        "gpt_neox": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
+                         max_position_embeddings=positions),
+        "gptj": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions, rotary_dim=head_dim),
+        "gpt_neo": dict(hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=ffn,
+                        max_position_embeddings=positions, attention_types=[[["global"], layers]]),
+        "codegen": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions, n_ctx=positions,
+                        rotary_dim=head_dim),
+        "llama": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      intermediate_size=ffn, max_position_embeddings=positions),
+    }
+    if family not in table:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(table)}")
+    return table[family]
+
+
+@dataclass
+class LoRA:
+    """Low-rank adapters (peft) on the actor/SFT model; merged into the weights on export."""
+
+    r: int = 8
+    """adapter rank"""
+    alpha: int = 16
+    """scaling numerator (the update is scaled by alpha / r)"""
+    dropout: float = 0.0
+    """dropout on the adapter input"""
+    target_modules: Optional[list[str]] = None
+    """module names to adapt; None lets peft pick the family's attention projections"""
+
+    def __post_init__(self):
+        if self.r <= 0 or self.alpha <= 0:
+            raise ValueError(f"LoRA needs r > 0 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+
+
+class ModelSpec:
+    """Base class: how to build a causal LM and a scalar-head model for a tokenizer."""
+
+    gradient_checkpointing: bool = False
+
+    def build_causal_lm(self, tokenizer) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def build_backbone(self, tokenizer) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def value_head_path(self) -> Optional[Path]:
+        """A saved value head to load with the backbone, if the spec points at a scalar-model export."""
+        return None
+
+    def build_scalar(self, tokenizer) -> "ScalarModel":
+        model = ScalarModel(self.build_backbone(tokenizer))
+        head = self.value_head_path()
+        if head is not None:
+            model.load_head(head.parent)
+        return model
+
+
+class HFModel(ModelSpec):
+    """A pretrained model from the hub or a local directory (e.g. a stage's export)."""
+
+    def __init__(
+        self,
+        path: str,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        revision: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """Args:
+        path: hub name (e.g. facebook/opt-1.3b) or local directory written by save_pretrained.
+        dtype: weights dtype: float32, bfloat16 or float16.
+        trust_remote_code: allow model code from the hub (off unless asked).
+        revision: hub branch, tag or commit.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.path, self.dtype, self.trust_remote_code, self.revision = path, dtype, trust_remote_code, revision
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _load(self, auto_cls, tokenizer):
+        with hub_errors(self.path, "model"):
+            model = auto_cls.from_pretrained(
+                self.path, dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code, revision=self.revision
+            )
+        return fit_vocab(model, tokenizer)
+
+    def build_causal_lm(self, tokenizer):
+        return self._load(AutoModelForCausalLM, tokenizer)
+
+    def build_backbone(self, tokenizer):
+        return self._load(AutoModel, tokenizer)
+
+    def value_head_path(self):
+        p = Path(self.path) / VALUE_HEAD_FILE
+        return p if p.exists() else None
+
+
+class TinyModel(ModelSpec):
+    """A small randomly initialised model of a given family, built from a config (offline)."""
+
+    def __init__(
+        self,
+        family: str = "opt",
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ffn_size: int = 256,
+        max_positions: int = 256,
+        dropout: float = 0.0,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """Args:
+        family: opt, gpt2, bloom, gpt_neox, gptj, gpt_neo, codegen or llama.
+        hidden_size: model width.
+        num_layers: transformer blocks.
+        num_heads: attention heads (must divide hidden_size).
+        ffn_size: feed-forward width.
+        max_positions: longest sequence the position embeddings cover.
+        dropout: every dropout probability of the config (0 for reproducible small runs).
+        seed: initialisation seed (weights are the same for the same seed and shape).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        self.family, self.dropout, self.seed = family, dropout, seed
+        self.kwargs = _tiny_kwargs(family, hidden_size, num_layers, num_heads, ffn_size, max_positions)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def config(self, tokenizer):
+        ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        cfg = AutoConfig.for_model(self.family, vocab_size=len(tokenizer), **ids, **self.kwargs)
+        for name, value in list(vars(cfg).items()):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(cfg, name, self.dropout)
+        return cfg
+
+    def _build(self, auto_cls, tokenizer):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return auto_cls.from_config(self.config(tokenizer))
+
+    def build_causal_lm(self, tokenizer):
+        return self._build(AutoModelForCausalLM, tokenizer)
+
+    def build_backbone(self, tokenizer):
+        return self._build(AutoModel, tokenizer)
+
+
+def fit_vocab(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """Grow the embeddings when the tokenizer gained tokens (e.g. an added pad); set the pad id."""
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def apply_lora(model: PreTrainedModel, lora: Optional[LoRA]) -> nn.Module:
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def merged(model: nn.Module) -> PreTrainedModel:
+    """The plain transformers model to export: itself, or a copy with its LoRA adapters merged in
+    (the copy leaves the training model's adapters untouched)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """Forward keywords with explicit ``position_ids`` where the family takes them (left padding safe)."""
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if _accepts_position_ids(model):
+        kw["position_ids"] = position_ids_from_mask(attention_mask)
+    return kw
+
+
+class ScalarModel(nn.Module):
+    """A transformer backbone with a linear head giving one value per token (reward model, critic)."""
+
+    def __init__(self, backbone: PreTrainedModel) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # OPT projects its output to word_embed_proj_dim, not hidden_size; the input embedding width
+        # equals the last hidden state's width in every supported family.
+        width = backbone.get_input_embeddings().embedding_dim
+        self.value_head = nn.Linear(width, 1, bias=False)
+        self.meta: dict = {}
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, T) -> values (B, T)."""
+        out = self.backbone(**lm_inputs(self.backbone, input_ids, attention_mask), use_cache=False)
+        return self.value_head(out.last_hidden_state).squeeze(-1).float()
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scalar score of each sequence, read at its last attended token. (B, T) -> (B,)."""
+        values = self(input_ids, attention_mask)
+        return values.gather(1, last_attended_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+    def save_pretrained(self, path: str | Path, meta: Optional[dict] = None) -> None:
+        """Backbone via save_pretrained (safetensors), head beside it, ``meta`` (e.g. reward stats) as JSON."""
+        path = Path(path)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        save_file({"weight": self.value_head.weight.detach().contiguous().cpu()}, str(path / VALUE_HEAD_FILE))
+        (path / SCALAR_META_FILE).write_text(json.dumps({**self.meta, **(meta or {})}, indent=2))
+
+    def load_head(self, path: str | Path) -> None:
+        path = Path(path)
+        self.value_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"])
+        meta = path / SCALAR_META_FILE
+        self.meta = json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def load_scalar_model(path: str, dtype: str = "float32") -> ScalarModel:
+    """Open a reward/critic export written by :meth:`ScalarModel.save_pretrained`."""
+    if not (Path(path) / VALUE_HEAD_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a reward-model export: {VALUE_HEAD_FILE} is missing")
+    return HFModel(path, dtype=dtype).build_scalar(None)

@@ -1,0 +1,89 @@
+"""Masked tensor helpers shared by every stage. Torch only: no lightning, deepspeed or wandb.
+
+Shapes: ``B`` batch, ``T`` time (tokens), ``V`` vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` where ``mask`` is 1. x, mask: same shape."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (0 where nothing is masked in)."""
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the valid entries of ``x`` (Bessel-corrected by default, as TRL and trlx)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise the valid entries of ``x`` to zero mean and unit variance; masked entries become 0.
+
+    Equal to whitening ``x[mask.bool()]`` on its own (tested). ``shift_mean=False`` keeps the mean,
+    as PPO implementations do for rewards (only the scale is normalised).
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of ``labels`` under ``logits``. logits: (B, T, V), labels: (B, T) -> (B, T).
+
+    Naive equivalent: ``torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]``;
+    logsumexp avoids materialising a second (B, T, V) tensor.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at each position. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift them. (B, T) -> (B, T).
+
+    GPT-2-style models derive positions from the index otherwise, which is wrong for left-padded rows.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_attended_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last attended token of each row, for left or right padding. (B, T) -> (B,).
+
+    Read from the mask, never by searching pad ids: pad may equal eos, and eos may be inside a row.
+    """
+    t = attention_mask.size(-1)
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(-1).values.clamp(min=0)
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Pad id lists to the longest. Returns (ids, attention_mask), both (B, T) long."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(t - len(s), t) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask

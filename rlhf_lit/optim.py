@@ -1,0 +1,50 @@
+"""Optimizer parameter groups and learning-rate schedules shared by every stage. Torch only."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NO_DECAY = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+
+
+def param_groups(module: nn.Module, weight_decay: float, **extra) -> list[dict]:
+    """Two groups: weights with ``weight_decay``, biases and norm parameters without (AdamW practice)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class LRSchedule:
+    """Linear warmup, then cosine/linear decay or a constant rate, stepped every optimizer step."""
+
+    warmup_steps: int = 0
+    """steps of linear warmup from 0"""
+    decay: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup"""
+    min_lr_ratio: float = 0.0
+    """final learning rate as a share of the peak"""
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+
+    def factor(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.factor(s, total_steps))

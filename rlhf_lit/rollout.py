@@ -1,0 +1,143 @@
+"""PPO's experience: the actor-critic wrapper, the algorithm's knobs, and rollout generation + scoring.
+
+Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.models import ScalarModel, lm_inputs
+from rlhf_lit.ops import entropy_from_logits, logprobs_from_logits
+from rlhf_lit.ppo import KL_ESTIMATORS
+
+
+@dataclass
+class PPOConfig:
+    """The knobs of the PPO update (defaults: DeepSpeed-Chat's / InstructGPT's published settings)."""
+
+    ppo_epochs: int = 1
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """shuffled minibatches per pass (one optimizer step each)"""
+    clip_eps: float = 0.2
+    """policy ratio clip"""
+    value_clip: Optional[float] = 0.2
+    """value clip around the rollout's values (None: plain squared error)"""
+    vf_coef: float = 1.0
+    """weight of the value loss in the combined loss"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator of the penalty: k1, k2 or k3"""
+    score_clip: Optional[float] = 5.0
+    """clip rewards to ±score_clip (None: no clipping)"""
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    missing_eos_penalty: Optional[float] = None
+    """subtracted from the score of responses that hit max_new_tokens without eos"""
+    ptx_coef: float = 0.0
+    """weight of the pretraining/SFT loss mixed into the actor's (InstructGPT's gamma); needs ptx data"""
+    ema_beta: Optional[float] = 0.992
+    """EMA of the actor's weights after every step (None: no EMA)"""
+    critic_lr: float = 5e-6
+    """learning rate of the critic's parameter group"""
+    max_ratio: Optional[float] = 20.0
+    """skip a minibatch whose max policy ratio exceeds this (a diverged update; logged)"""
+
+    def __post_init__(self):
+        if self.ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("ppo_epochs and num_minibatches must be >= 1")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.ema_beta is not None and not 0 < self.ema_beta < 1:
+            raise ValueError(f"ema_beta must be in (0, 1) or null, got {self.ema_beta}")
+        if min(self.vf_coef, self.entropy_coef, self.ptx_coef, self.critic_lr) < 0:
+            raise ValueError("vf_coef, entropy_coef, ptx_coef and critic_lr must be >= 0")
+
+
+class ActorCritic(nn.Module):
+    """Policy and (optional) value model in one module, so one optimizer and one DeepSpeed engine
+    hold both (Lightning's DeepSpeedStrategy takes a single optimizer; TRL's PolicyAndValueWrapper)."""
+
+    def __init__(self, policy: nn.Module, critic: Optional[ScalarModel]) -> None:
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float = 1.0):
+        """Log-probs and entropy of the response tokens and the critic's values before each of them.
+
+        input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
+        without a critic). Position P-1 predicts the first response token, hence the shift.
+        """
+        logprobs, entropy = sequence_logprobs(self.policy, input_ids, attention_mask, prompt_len, temperature)
+        values = None
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]
+        return logprobs, entropy, values
+
+
+def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
+    """(B, P + R) -> log-probs and entropies of the R response tokens, each (B, R)."""
+    logits = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False).logits
+    logits = logits[:, prompt_len - 1 : -1] / temperature
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy_from_logits(logits)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. ids/mask: (B, P + R); the rest (B, R) except scores (B,)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+    mask: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Optional[Tensor]
+    scores: Tensor
+    entropy: Tensor
+    prompts: list[str]
+    responses: list[str]
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def eos_fraction(self) -> Tensor:
+        return self.ended.float().mean()
+
+    @property
+    def ended(self) -> Tensor:
+        """(B,) True where the response ended with a stop token before max_new_tokens."""
+        return self.mask.sum(-1) < self.mask.size(1) if self.mask.size(1) else torch.zeros(0, dtype=torch.bool)
+
+
+@torch.no_grad()
+def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, prompt_ids: Tensor,
+                 prompt_mask: Tensor, prompts: list[str], gen: GenerationConfig, ref_from_adapters: bool = False,
+                 synced_gpus: bool = False) -> Rollout:
+    """Sample responses with the actor, then score them with the reward source, the reference, the
+    actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded."""
+    t0 = time.perf_counter()
+    responses, mask = generate(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus)
+    t1 = time.perf_counter()
+    input_ids = torch.cat([prompt_ids, responses], 1)
+    attention_mask = torch.cat([prompt_mask, mask], 1)
+    p = prompt_ids.size(1)
+    texts = decode(tokenizer, responses, mask)
+    scores = reward(prompts, texts, input_ids, attention_mask).float()
+    logprobs, entropy, values = ac(input_ids, attention_mask, p, gen.temperature)
+    if ref_from_adapters:  # LoRA actor: the reference is the base model with adapters off (no copy)
+        with ac.policy.disable_adapter():
+            ref_logprobs, _ = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
+    else:
+        ref_logprobs, _ = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
+    t2 = time.perf_counter()
+    return Rollout(input_ids, attention_mask, p, mask.float(), logprobs, ref_logprobs, values, scores, entropy,
+                   prompts, texts, {"generate_s": t1 - t0, "score_s": t2 - t1})

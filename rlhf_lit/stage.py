@@ -1,0 +1,80 @@
+"""What the three stage modules share: the tokenizer hand-off, optimizer + schedule, throughput,
+the Hugging Face export and its model card. One copy here instead of one per stage."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from rlhf_lit.optim import LRSchedule, param_groups
+
+
+class StageModule(L.LightningModule):
+    """Base LightningModule of a stage. Subclasses build their models in ``configure_model``."""
+
+    stage = "stage"
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, schedule: Optional[LRSchedule] = None,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.optimizer_factory, self.schedule, self.weight_decay = optimizer, schedule or LRSchedule(), weight_decay
+        self.tokenizer = None
+        self._t0: Optional[float] = None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tokenizer is None and dm is not None:
+            if dm.tokenizer is None:
+                dm.setup(stage)
+            self.tokenizer = dm.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: use it with a datamodule that has one")
+
+    def trainable_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer (PPO overrides this for actor + critic)."""
+        return param_groups(self, self.weight_decay)
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_groups())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = self.schedule.build(opt, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_throughput(self, n_tokens: int, n_items: int, unit: str) -> None:
+        """tokens/s and items/s over the last step, shown in the progress bar."""
+        now = time.perf_counter()
+        if self._t0 is not None and now > self._t0:
+            dt = now - self._t0
+            self.log("train/tokens_per_s", n_tokens / dt, prog_bar=True)
+            self.log(f"train/{unit}_per_s", n_items / dt)
+        self._t0 = now
+
+    # -- export ---------------------------------------------------------------------------------
+    def export_models(self) -> dict[str, Callable[[Path], None]]:
+        """Subfolder name ('' for the root) -> a function that saves that model there."""
+        raise NotImplementedError
+
+    def export(self, dirpath: str | Path, data: Optional[Iterable[dict]] = None) -> Path:
+        """Save every exported model in Hugging Face format (safetensors), the tokenizer and a model card."""
+        dirpath = Path(dirpath)
+        metrics = {k: round(float(v), 6) for k, v in self.trainer.callback_metrics.items()} if self._trainer else {}
+        for sub, save in self.export_models().items():
+            out = dirpath / sub
+            out.mkdir(parents=True, exist_ok=True)
+            save(out)
+            self.tokenizer.save_pretrained(out)
+            write_model_card(out, self.stage + (f" ({sub})" if sub else ""), metrics, list(data or []))
+        return dirpath
+
+
+def write_model_card(out: Path, stage: str, metrics: dict, data: list[dict]) -> None:
+    lines = [f"# rlhf-lit export: {stage}", "", "Written by rlhf-lit at the end of fit.", "", "## Data", ""]
+    lines += [f"- {d.get('source')}: {d.get('kept')} records kept of {d.get('rows')} rows, dropped {d.get('dropped')}, "
+              f"parts {d.get('parts')}" for d in data] or ["- (not recorded)"]
+    lines += ["", "## Final metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))

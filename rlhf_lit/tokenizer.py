@@ -1,0 +1,116 @@
+"""Tokenizer specs: load one from the hub or a directory, or train a byte-level BPE on the run's own text.
+
+A spec is what a config names; ``load()`` returns a ``transformers`` fast tokenizer with a pad token
+distinct from eos (never assume pad == eos: a reward read or a loss mask built on that breaks).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from rlhf_lit.hub import hub_errors
+
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+class TokenizerSpec:
+    """Base class for tokenizer specs."""
+
+    def load(self, texts: Callable[[], Iterable[str]] | None = None) -> PreTrainedTokenizerFast:
+        """Return the tokenizer. ``texts`` yields training text for specs that train one."""
+        raise NotImplementedError
+
+
+class HFTokenizer(TokenizerSpec):
+    """A tokenizer from the hub or a local directory (for example a stage's export)."""
+
+    def __init__(self, path: str, add_pad_token: bool = True, trust_remote_code: bool = False) -> None:
+        """Args:
+        path: hub name or local directory with tokenizer files.
+        add_pad_token: add a dedicated ``<pad>`` token when the tokenizer has none (the model's
+            embeddings are resized to match); if False, a tokenizer without pad is an error.
+        trust_remote_code: allow tokenizer code from the hub (off unless asked).
+        """
+        self.path, self.add_pad_token, self.trust_remote_code = path, add_pad_token, trust_remote_code
+
+    def load(self, texts=None) -> PreTrainedTokenizerFast:
+        with hub_errors(self.path, "tokenizer"):
+            tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        return ensure_pad(tok, self.add_pad_token, self.path)
+
+
+class TrainedBPE(TokenizerSpec):
+    """A byte-level BPE trained locally on the run's text, cached in ``save_dir`` (offline work and tests)."""
+
+    def __init__(self, save_dir: str, vocab_size: int = 2000, min_frequency: int = 2) -> None:
+        """Args:
+        save_dir: where the trained tokenizer is saved; reused when it already holds one.
+        vocab_size: target vocabulary size, special tokens included.
+        min_frequency: minimum pair count for a merge.
+        """
+        self.save_dir, self.vocab_size, self.min_frequency = save_dir, vocab_size, min_frequency
+
+    def load(self, texts=None) -> PreTrainedTokenizerFast:
+        if (Path(self.save_dir) / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(self.save_dir)
+        if texts is None:
+            raise ValueError(f"no tokenizer in {self.save_dir} and no text given to train one")
+        tok = train_bpe(texts(), self.vocab_size, self.min_frequency)
+        save_atomically(tok, self.save_dir)
+        return AutoTokenizer.from_pretrained(self.save_dir)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (GPT-2's scheme) and wrap it with pad/bos/eos/unk set, right padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # padding_side must be a constructor argument to be saved with the tokenizer.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **SPECIALS)
+
+
+def save_atomically(tok: PreTrainedTokenizerFast, save_dir: str) -> None:
+    """save_pretrained into a temporary sibling, then rename, so a crash never leaves half a tokenizer."""
+    target = Path(save_dir)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process won the race: keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_pad(tok, add_pad_token: bool, where: str):
+    """Give ``tok`` a pad token distinct from eos, or fail with a message naming the tokenizer."""
+    if tok.pad_token is None or (tok.eos_token is not None and tok.pad_token_id == tok.eos_token_id):
+        if not add_pad_token:
+            raise ValueError(
+                f"tokenizer {where!r} has no pad token distinct from eos; set add_pad_token: true "
+                "(adds '<pad>' and resizes the model's embeddings)"
+            )
+        tok.add_special_tokens({"pad_token": SPECIALS["pad_token"]})
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash of the vocabulary and special tokens, to check that two stages share a tokenizer."""
+    payload = json.dumps([sorted(tok.get_vocab().items()), tok.pad_token, tok.eos_token], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
