@@ -13,7 +13,7 @@ from rlhf_lit.ops import pad_sequences as pad
 
 
 def _ids(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"]
+    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def encode_sft(tok, records: list[dict], max_len: int, mask_prompt: bool = True) -> tuple[list[dict], Counter]:

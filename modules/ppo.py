@@ -94,6 +94,13 @@ class PPOModule(StageModule):
             groups += param_groups(self.ac.critic, self.weight_decay, lr=self.algo.critic_lr)
         return groups
 
+    def optimizer_steps(self) -> int:
+        # Under manual optimization Lightning counts each opt.step() as a global step, but estimates
+        # the total from batches: with max_epochs, scale by the steps each rollout batch makes.
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches) * self.algo.ppo_epochs * self.algo.num_minibatches
+
     def train(self, mode: bool = True):
         super().train(mode)
         for frozen in (self.ref, self.reward, self.ema):  # frozen models stay in eval mode (no dropout)
@@ -149,7 +156,7 @@ class PPOModule(StageModule):
         if self.algo.whiten_advantages:
             adv = ppo.whiten(adv, ro.mask)
 
-        t0, opt, n = time.perf_counter(), self.optimizers(), ro.mask.size(0)
+        t0, opt, sched, n = time.perf_counter(), self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
         per_step, skipped = [], 0
         for _ in range(self.algo.ppo_epochs):
             order = torch.randperm(n, device=ro.mask.device)
@@ -161,11 +168,9 @@ class PPOModule(StageModule):
                 opt.zero_grad()
                 self.manual_backward(loss)
                 opt.step()
+                sched.step()
                 self.update_ema()
                 per_step.append(stats)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
         self.kl.update(float(kl_stats["kl"]), n)
 
         timing = {**ro.timing, "train_s": time.perf_counter() - t0}

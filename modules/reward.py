@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
@@ -45,8 +46,10 @@ class RewardModule(StageModule):
         self.save_hyperparameters()
         self.spec, self.loss_type, self.center_coef = model, loss, center_coef
         self.model = None
-        # Running mean of the score and its square: the export records mean/std for PPO's normalisation.
-        self.score_mean, self.score_sq = MeanMetric(), MeanMetric()
+        self.val_stats: dict[str, float] = {}
+        # Running mean of the score and its square, on validation and on training data: the export records
+        # mean/std (validation's when there was one) for PPO's reward normalisation.
+        self.val_moments, self.train_moments = (nn.ModuleList([MeanMetric(), MeanMetric()]) for _ in range(2))
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -72,28 +75,40 @@ class RewardModule(StageModule):
         return loss, stats, scores.detach()
 
     def training_step(self, batch, batch_idx):
-        loss, stats, _ = self.step(batch)
+        loss, stats, scores = self.step(batch)
         b = batch["input_ids"].size(0) // 2
         self.log_dict({f"rm/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=True, batch_size=b)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_throughput(int(batch["attention_mask"].sum()), b, "pairs")
+        self.train_moments[0].update(scores)
+        self.train_moments[1].update(scores**2)
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss, stats, scores = self.step(batch)
-        self.score_mean.update(scores)
-        self.score_sq.update(scores**2)
+        self.val_moments[0].update(scores)
+        self.val_moments[1].update(scores**2)
         b = batch["input_ids"].size(0) // 2
         self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=b, sync_dist=True)
 
+    @staticmethod
+    def moments(pair) -> dict[str, float]:
+        """Mean and std of the scores seen by a (mean, mean-of-squares) metric pair; resets it."""
+        if not pair[0].update_count:
+            return {}
+        mean, sq = float(pair[0].compute()), float(pair[1].compute())
+        pair[0].reset(), pair[1].reset()
+        return {"score_mean": mean, "score_std": max(sq - mean**2, 0.0) ** 0.5}
+
     def on_validation_epoch_end(self):
-        if self.score_mean.update_count:
-            mean, sq = self.score_mean.compute(), self.score_sq.compute()
-            self.log_dict({"val/score_mean": mean, "val/score_std": (sq - mean**2).clamp(min=0).sqrt()})
-        self.score_mean.reset()
-        self.score_sq.reset()
+        if not self.trainer.sanity_checking:
+            self.val_stats = self.moments(self.val_moments)
+            self.log_dict({f"val/{k}": v for k, v in self.val_stats.items()})
+
+    def on_train_epoch_start(self):
+        self.train_moments[0].reset(), self.train_moments[1].reset()
 
     def export_models(self):
-        metrics = self.trainer.callback_metrics
-        meta = {k: float(metrics[f"val/{k}"]) for k in ("score_mean", "score_std") if f"val/{k}" in metrics}
+        meta = {**self.val_stats, "score_stats_from": "val"} if self.val_stats else \
+            {**self.moments(self.train_moments), "score_stats_from": "train"}
         return {"": lambda out: self.model.save_pretrained(out, meta=meta)}

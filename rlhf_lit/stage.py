@@ -39,9 +39,13 @@ class StageModule(L.LightningModule):
         """Parameter groups for the optimizer (PPO overrides this for actor + critic)."""
         return param_groups(self, self.weight_decay)
 
+    def optimizer_steps(self) -> int:
+        """How many optimizer steps the schedule spans (PPO takes several per batch)."""
+        return int(self.trainer.estimated_stepping_batches)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_groups())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, self.optimizer_steps())
         sched = self.schedule.build(opt, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -1,0 +1,161 @@
+"""The pure PPO math against hand-computed values and naive loops."""
+import pytest
+import torch
+
+from rlhf_lit import ppo
+from rlhf_lit.estimators import GAE, GRPO, RLOO
+from rlhf_lit.kl_control import AdaptiveKL, FixedKL
+from rlhf_lit.ops import last_attended_index, logprobs_from_logits, masked_mean, masked_var, masked_whiten
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    b, t = rewards.shape
+    adv = torch.zeros(b, t)
+    for i in range(b):
+        n = int(mask[i].sum())  # response tokens are a prefix of the row
+        last = 0.0
+        for s in reversed(range(n)):
+            next_v = values[i, s + 1].item() if s + 1 < n else 0.0
+            delta = rewards[i, s].item() + gamma * next_v - values[i, s].item()
+            last = delta + gamma * lam * last
+            adv[i, s] = last
+    return adv, (adv + values) * mask
+
+
+def random_masked(b=5, t=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    return torch.randn(b, t, generator=g), torch.randn(b, t, generator=g), mask
+
+
+def test_gae_hand_computed():
+    adv, ret = ppo.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.8]]))  # A_0 = sum(r) - V_0, A_1 = r_1 - V_1
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0]]))
+    # gamma=0.9, lam=0.5: delta_1 = 1 - 0.2 = 0.8; delta_0 = 0 + 0.9*0.2 - 0.5 = -0.32; A_0 = -0.32 + 0.45*0.8
+    adv, _ = ppo.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 0.9, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.04, 0.8]]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0)])
+def test_gae_matches_naive_loop_on_masked_batches(seed, gamma, lam):
+    rewards, values, mask = random_masked(seed=seed)
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = naive_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, ref_adv)
+    torch.testing.assert_close(ret, ref_ret)
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_policy_loss_has_zero_gradient_where_clipped_unfavourably():
+    old = torch.zeros(1, 4)
+    # ratios e^0.5 > 1.2 with A > 0 and e^-0.5 < 0.8 with A < 0: clipped, flat. The others are not.
+    new = torch.tensor([[0.5, -0.5, 0.5, -0.5]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    loss, stats = ppo.policy_loss(new, old, adv, torch.ones(1, 4), clip_eps=0.2)
+    loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0
+    assert new.grad[0, 2] != 0 and new.grad[0, 3] != 0
+    assert stats["clipfrac"] == 0.5
+
+
+def test_policy_loss_value_at_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([[1.0, 2.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, mask)
+    assert loss.item() == pytest.approx(-1.5)
+    assert stats["ratio_mean"] == 1.0 and stats["approx_kl"] == 0.0
+
+
+def test_value_loss_clipping_hand_computed():
+    values, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss, stats = ppo.value_loss(values, old, ret, torch.ones(1, 2), clip=0.2)
+    # token 0: max((1-0)^2, (0.2-0)^2) = 1; token 1: max((0-1)^2, (0-1)^2) = 1 -> 0.5 * mean = 0.5
+    assert loss.item() == pytest.approx(0.5)
+    loss, _ = ppo.value_loss(torch.tensor([[0.5]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.8**2)  # the clipped value 0.2 is further from the return
+
+
+def test_kl_estimators():
+    lp, ref = torch.randn(64, 9), torch.randn(64, 9)
+    assert (ppo.kl_penalty(lp, ref, "k3") >= 0).all()
+    torch.testing.assert_close(ppo.kl_penalty(lp, ref, "k1"), lp - ref)
+    torch.testing.assert_close(ppo.kl_penalty(lp, ref, "k2"), 0.5 * (lp - ref) ** 2)
+    assert ppo.kl_penalty(lp, lp, "k3").abs().max() == 0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        ppo.kl_penalty(lp, ref, "k9")
+
+
+def test_shaped_rewards_put_score_on_last_response_token():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    lp, ref = torch.tensor([[0.5, 0.5, 9.0], [0.0, 0.0, 0.0]]), torch.zeros(2, 3)
+    rewards, stats = ppo.shaped_rewards(torch.tensor([2.0, -1.0]), lp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 1.95, 0.0], [0.0, 0.0, -1.0]]))
+    assert stats["kl"].item() == pytest.approx(0.5)  # (0.5 + 0.5 + 0) / 2 sequences
+
+
+def test_masked_whitening_equals_whitening_of_valid_slice():
+    x, _, mask = random_masked(b=6, t=9, seed=3)
+    out = masked_whiten(x, mask)
+    valid = x[mask.bool()]
+    ref = (valid - valid.mean()) / torch.sqrt(valid.var() + 1e-8)
+    torch.testing.assert_close(out[mask.bool()], ref)
+    assert (out[~mask.bool()] == 0).all()
+    torch.testing.assert_close(masked_var(x, mask), valid.var())
+    torch.testing.assert_close(masked_mean(x, mask), valid.mean())
+
+
+def test_logprobs_from_logits_matches_naive():
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    naive = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(logprobs_from_logits(logits, labels), naive)
+
+
+def test_last_attended_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
+    assert last_attended_index(right).tolist() == [2, 0, 3]
+    assert last_attended_index(left).tolist() == [3, 3, 3]
+    both = torch.tensor([[0, 1, 1, 0]])  # left-padded prompt + right-padded response
+    assert last_attended_index(both).tolist() == [2]
+
+
+def test_adaptive_kl_moves_beta_towards_target():
+    kl = AdaptiveKL(init=0.1, target=6.0, horizon=1000)
+    kl.update(current_kl=12.0, n_steps=100)  # too much KL: beta rises (error clipped at +0.2)
+    assert kl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    before = kl.value
+    kl.update(current_kl=3.0, n_steps=100)  # too little: beta falls
+    assert kl.value < before
+    fixed = FixedKL(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.05
+    restored = AdaptiveKL(init=1.0)
+    restored.load_state_dict(kl.state_dict())
+    assert restored.value == kl.value
+
+
+def test_group_advantages_hand_computed():
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 4.0])
+    rloo = ppo.group_advantages(scores, 2, "rloo")
+    torch.testing.assert_close(rloo, torch.tensor([-2.0, 2.0, 0.0, 0.0, -2.0, 2.0]))
+    grpo = ppo.group_advantages(scores, 3, "grpo")
+    g = scores.view(2, 3)
+    torch.testing.assert_close(grpo, ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).reshape(-1))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        ppo.group_advantages(scores, 4)
+
+
+def test_estimators_interface():
+    rewards, values, mask = random_masked(b=4, t=5, seed=1)
+    adv, ret = GAE(1.0, 0.95)(rewards, values, mask)
+    assert adv.shape == (4, 5)
+    for est in (GRPO(samples_per_prompt=2), RLOO(samples_per_prompt=2)):
+        assert not est.needs_critic
+        adv, _ = est(rewards, None, mask)
+        per_seq = adv.sum(-1) / mask.sum(-1)
+        torch.testing.assert_close(adv, per_seq[:, None] * mask)  # one advantage per sequence
+    with pytest.raises(ValueError):
+        GRPO(samples_per_prompt=1)

@@ -1,0 +1,139 @@
+"""Stages 1 and 2 on CPU with tiny models: the wiring, learning, export."""
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+from helpers import changed, datamodule, snapshot, trainer
+from transformers import AutoModelForCausalLM
+
+from datamodules import Blend, PreferenceDataModule, SFTDataModule, SourceSpec
+from modules import RewardModule, SFTModule
+from rlhf_lit.callbacks import HFExport
+from rlhf_lit.optim import LRSchedule
+from rlhf_lit.models import TinyModel, lm_inputs, load_scalar_model
+from rlhf_lit.tokenizer import HFTokenizer
+from test_models import FAMILIES
+
+
+def spec(family="opt"):
+    return TinyModel(family=family, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=128)
+
+
+def adamw(lr):
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+def test_sft_fit_changes_weights_logs_and_exports_identical_model(tokenizer_dir, tmp_path):
+    dm = datamodule(SFTDataModule, tokenizer_dir)
+    module = SFTModule(spec(), optimizer=adamw(1e-3), rouge_samples=4, weight_decay=0.01)
+    t = trainer(tmp_path, max_steps=6, val=True, callbacks=[HFExport(str(tmp_path / "export"))], val_check_interval=3)
+    dm.setup("fit")
+    module.tokenizer = dm.tokenizer
+    module.configure_model()
+    before = snapshot(module.model)
+    t.fit(module, datamodule=dm)
+    assert changed(before, module.model)
+    for key in ("train/loss", "train/tokens_per_s", "val/loss", "val/ppl", "val/rouge1", "val/rouge2", "val/rougeL"):
+        assert key in t.callback_metrics, key
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    batch = next(iter(dm.val_dataloader()))
+    module.model.eval()
+    with torch.no_grad():
+        ours = module(batch["input_ids"], batch["attention_mask"])
+        theirs = loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits
+    torch.testing.assert_close(ours, theirs)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "synthetic" in card and "val/loss" in card
+
+
+def test_sft_loss_falls_on_data_it_can_memorize(tokenizer_dir, tmp_path):
+    rows = [{"q": f"List {n} fruits.", "a": " apple, pear."} for n in range(2, 6)] * 2
+    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    b = Blend([SourceSpec("json", path=str(path), options={"fields": {"prompt": "q", "response": "a"}})],
+              split=[1, 0, 0], eval_fraction=0)
+    dm = SFTDataModule(b, HFTokenizer(tokenizer_dir), batch_size=8, max_seq_len=32)
+    module = SFTModule(spec(), optimizer=adamw(1e-2), schedule=LRSchedule(decay="constant"))
+    t = trainer(tmp_path, max_steps=40)
+    losses = []
+    module.on_train_batch_end = lambda out, *a: losses.append(float(out["loss"]))
+    t.fit(module, datamodule=dm)
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_sft_mask_prompt_option(tokenizer_dir):
+    masked = datamodule(SFTDataModule, tokenizer_dir, n=20)
+    whole = datamodule(SFTDataModule, tokenizer_dir, n=20, mask_prompt=False)
+    masked.setup(), whole.setup()
+    a, b = masked.train_items[0], whole.train_items[0]
+    assert a["input_ids"] == b["input_ids"] and a["input_ids"][-1] == masked.tokenizer.eos_token_id
+    assert 0 < sum(a["loss_mask"]) < sum(b["loss_mask"]) == len(b["input_ids"])
+
+
+def separable_pairs(tmp_path, n=64):
+    rows = [{"prompt": f"\n\nHuman: item {i}\n\nAssistant:", "chosen": " good answer", "rejected": " bad answer"}
+            for i in range(n)]
+    return Blend([SourceSpec("rm_static", path=str(write_jsonl(tmp_path / "sep.jsonl", rows)))],
+                 split=[0, 1, 0], eval_fraction=0)
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "divergent_suffix"])
+def test_reward_model_separates_a_separable_fixture(tokenizer_dir, tmp_path, loss):
+    dm = PreferenceDataModule(separable_pairs(tmp_path), HFTokenizer(tokenizer_dir), batch_size=16, max_seq_len=32)
+    module = RewardModule(spec(), optimizer=adamw(3e-3), loss=loss)
+    t = trainer(tmp_path, max_steps=24, callbacks=[HFExport(str(tmp_path / "rm"))])
+    t.fit(module, datamodule=dm)
+    module.eval()
+    correct = []
+    with torch.no_grad():
+        for batch in dm.train_dataloader():
+            s = module(batch["input_ids"], batch["attention_mask"])
+            b = s.size(0) // 2
+            correct += (s[:b] > s[b:]).tolist()
+    assert sum(correct) / len(correct) >= 0.95
+    for key in ("rm/accuracy_epoch", "rm/loss_epoch", "rm/margin_epoch", "rm/chosen_score_epoch", "train/loss"):
+        assert key in t.callback_metrics, key
+    loaded = load_scalar_model(str(tmp_path / "rm"))
+    assert loaded.meta["score_stats_from"] == "train" and loaded.meta["score_std"] > 0  # no validation ran
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().score(batch["input_ids"], batch["attention_mask"]),
+                                   module(batch["input_ids"], batch["attention_mask"]))
+
+
+def test_reward_export_records_score_stats(tokenizer_dir, tmp_path):
+    dm = datamodule(PreferenceDataModule, tokenizer_dir)
+    module = RewardModule(spec(), optimizer=adamw(1e-3))
+    t = trainer(tmp_path, max_steps=3, val=True, callbacks=[HFExport(str(tmp_path / "rm"))], val_check_interval=3)
+    t.fit(module, datamodule=dm)
+    meta = json.loads((tmp_path / "rm" / "scalar_model.json").read_text())
+    assert meta["score_stats_from"] == "val" and meta["score_std"] > 0
+    assert meta["score_mean"] == pytest.approx(float(t.callback_metrics["val/score_mean"]))
+    for key in ("val/accuracy", "val/score_mean", "val/score_std", "val/margin"):
+        assert key in t.callback_metrics, key
+
+
+def test_reward_truncates_prompt_from_the_left_and_counts_drops(tok):
+    from datamodules.collate import encode_pairs
+
+    long_prompt = "\n\nHuman: " + "word " * 50 + "\n\nAssistant:"
+    recs = [{"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
+            {"prompt": "P", "chosen": " x" * 40, "rejected": " y"}]
+    items, dropped = encode_pairs(tok, recs, max_len=16)
+    assert len(items) == 1 and dropped == {"response_fills_max_seq_len": 1}
+    item = items[0]
+    assert len(item["chosen_ids"]) <= 16 and tok.decode(item["chosen_ids"]).endswith("Assistant: yes</s>")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_stages_run_for_every_family(family, tokenizer_dir, tmp_path):
+    for module, dm_cls in ((SFTModule(spec(family), optimizer=adamw(1e-3)), SFTDataModule),
+                           (RewardModule(spec(family), optimizer=adamw(1e-3)), PreferenceDataModule)):
+        dm = datamodule(dm_cls, tokenizer_dir, n=40)
+        t = trainer(tmp_path / dm_cls.__name__, max_steps=2)
+        dm.setup()
+        module.tokenizer = dm.tokenizer
+        module.configure_model()
+        before = snapshot(module.model)
+        t.fit(module, datamodule=dm)
+        assert changed(before, module.model) and torch.isfinite(t.callback_metrics["train/loss"])
