@@ -40,6 +40,7 @@ class PPOModule(StageModule):
         generation: Optional[GenerationConfig] = None,
         algo: Optional[PPOConfig] = None,
         lora: Optional[LoRA] = None,
+        monitor: Optional[RewardSource] = None,
         samples_every: int = 10,
     ) -> None:
         """Args:
@@ -56,13 +57,15 @@ class PPOModule(StageModule):
         generation: rollout sampling settings.
         algo: the PPO update's knobs.
         lora: train low-rank adapters on the actor.
+        monitor: a reward source scored on every rollout and logged as objective/monitor_scores but never
+            trained on (e.g. the gold reward, to watch over-optimisation of the proxy).
         samples_every: keep prompt/response/score samples for the sample table every n steps.
         """
         super().__init__(optimizer, schedule, weight_decay)
-        self.save_hyperparameters(ignore=["reward"])
+        self.save_hyperparameters(ignore=["reward", "monitor"])
         self.automatic_optimization = False
         self.actor_spec, self.critic_spec, self.ref_spec = actor, critic, reference or actor
-        self.reward, self.lora = reward, lora
+        self.reward, self.lora, self.monitor = reward, lora, monitor
         self.kl = kl or FixedKL(0.05)
         self.advantage = advantage or GAE()
         self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
@@ -83,8 +86,9 @@ class PPOModule(StageModule):
         self.ac = ActorCritic(policy, critic)
         if self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
-        self.reward.build(self.tokenizer)
-        self.reward.eval().requires_grad_(False)
+        for source in [s for s in (self.reward, self.monitor) if s is not None]:
+            source.build(self.tokenizer)
+            source.eval().requires_grad_(False)
         if self.algo.ema_beta is not None:
             self.ema = copy.deepcopy(policy).eval().requires_grad_(False)
 
@@ -103,7 +107,7 @@ class PPOModule(StageModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.ref, self.reward, self.ema):  # frozen models stay in eval mode (no dropout)
+        for frozen in (self.ref, self.reward, self.monitor, self.ema):  # frozen models stay in eval mode (no dropout)
             if frozen is not None:
                 frozen.eval()
         return self
@@ -203,6 +207,8 @@ class PPOModule(StageModule):
             "time/tokens_per_s": n_tok / max(sum(timing.values()), 1e-9),
             "time/prompts_per_s": ro.mask.size(0) / max(sum(timing.values()), 1e-9),
         }
+        if self.monitor is not None:
+            logs["objective/monitor_scores"] = self.monitor(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask).mean()
         for key in per_step[0] if per_step else []:
             logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
         self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))

@@ -15,6 +15,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 SUBCOMMANDS = {
     "data": "datamodules.inspect:main",
+    "pipeline": "rlhf_lit.pipeline:main",
+    "evaluate": "rlhf_lit.evaluate:main",
+    "chat": "rlhf_lit.chat:main",
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
 

@@ -1,0 +1,56 @@
+"""Plots of PPO runs from their metrics CSV: gold and proxy reward against KL (Gao et al. 2022, fig. 1)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_series(path: Path, keys: list[str]) -> dict[str, list[float]]:
+    """Columns of a Lightning CSV log, keeping rows where every key is present."""
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if all(row.get(k) not in (None, "") for k in keys):
+                for k in keys:
+                    out[k].append(float(row[k]))
+    return out
+
+
+def smooth(xs: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def reward_vs_kl(runs: dict[str, Path], out: Path, title: str = "", window: int = 10) -> Path:
+    """One line per run in two panels: gold (monitor) score and proxy (reward model) score against KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, path in runs.items():
+        s = read_series(Path(path), ["objective/kl", "objective/scores"])
+        if not s["objective/kl"]:
+            continue
+        kl = smooth(s["objective/kl"], window)
+        proxy_ax.plot(kl, smooth(s["objective/scores"], window), label=name)
+        g = read_series(Path(path), ["objective/kl", "objective/monitor_scores"])
+        if g["objective/kl"]:
+            gold_ax.plot(smooth(g["objective/kl"], window), smooth(g["objective/monitor_scores"], window), label=name)
+    gold_ax.set(xlabel="KL(policy || reference), nats per response", ylabel="gold reward", title="gold (true) reward")
+    proxy_ax.set(xlabel="KL(policy || reference), nats per response", ylabel="reward-model score (normalised)",
+                 title="proxy reward")
+    for ax in (gold_ax, proxy_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "reward against KL over PPO training")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
