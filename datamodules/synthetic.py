@@ -79,10 +79,20 @@ def make_prompt(rng: random.Random) -> str:
     return HH_TEMPLATE.format(prompt=ask)
 
 
-def make_response(prompt: str, rng: random.Random, flaw: float) -> str:
-    """A response to ``prompt`` where each possible flaw happens with probability ``flaw``."""
+def make_response(prompt: str, rng: random.Random, flaw: float, off_task: bool = True) -> str:
+    """A response to ``prompt`` where each possible flaw happens with probability ``flaw``.
+
+    Besides flaws within the task, a response may answer another instruction kind (off-task) or open a
+    capitals reply politely: without such pairs a reward model extrapolates "Sure" and list-like text
+    as good everywhere, and PPO exploits exactly that (seen on this task).
+    """
     ask = instruction(prompt)
     bad = lambda: rng.random() < flaw  # noqa: E731
+    if off_task and bad() and rng.random() < 0.3:
+        other = make_prompt(rng)
+        while instruction(other).split()[0] == ask.split()[0]:
+            other = make_prompt(rng)
+        return make_response(other, rng, flaw, off_task=False)
     if m := LIST_RE.search(ask):
         n, cat = int(m.group(1)), m.group(2)
         k = max(1, n + rng.choice([-1, 1])) if bad() else n
@@ -105,6 +115,8 @@ def make_response(prompt: str, rng: random.Random, flaw: float) -> str:
         if bad():
             word = rng.choice(WORDS)
         text = (word if bad() else word.upper()) + "!"
+        if bad():  # a polite opener has lowercase letters: fewer capitals
+            text = rng.choice(["Sure, ", "Sure! ", "Thank you, "]) + text
     if bad() and bad():  # rambling tail
         text += " " + " ".join(rng.choices(FILLER, k=rng.randint(4, 10)))
     return " " + text

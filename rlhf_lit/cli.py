@@ -27,16 +27,22 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    saved_argv = sys.argv
+    if args is not None:  # called from Python (pipeline, tests): the process's own argv is not ours
+        sys.argv = sys.argv[:1]
+    try:
+        return LightningCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved_argv
 
 
 def resolve(target: str):

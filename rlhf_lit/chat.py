@@ -1,0 +1,75 @@
+"""``rlhf-lit chat --model DIR``: a terminal chat with any exported causal LM (like DeepSpeed-Chat's chat.py).
+
+The conversation is kept in the HH format the stages train on ("\\n\\nHuman: ...\\n\\nAssistant:").
+Type ``clear`` to start over and ``quit`` to leave. When standard input is not a terminal, each
+line is one user turn, so a scripted conversation can be piped in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.hub import HubUnavailable
+
+TURN = "\n\nHuman: {}\n\nAssistant:"
+
+
+def reply(model, tok, history: str, gen: GenerationConfig, max_context: int) -> str:
+    ids = tok(history, add_special_tokens=False)["input_ids"][-max_context:]
+    t = torch.tensor([ids])
+    out, mask = generate(model, tok, t, torch.ones_like(t), gen)
+    return decode(tok, out, mask)[0]
+
+
+def main(argv: list[str]) -> int:
+    # A chat session's few flags; argparse is the right size for an interactive tool.
+    p = argparse.ArgumentParser(prog="rlhf-lit chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model directory (e.g. RUN_DIR/ppo/export/actor)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--max-context", type=int, default=512, help="keep at most this many tokens of history")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        from rlhf_lit.evaluate import load_policy
+
+        model, tok = load_policy(a.model)
+        gen = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=not a.greedy, temperature=a.temperature,
+                               top_k=a.top_k, top_p=a.top_p)
+    except (HubUnavailable, ValueError, OSError) as e:
+        print(f"rlhf-lit chat: error: {e}", file=sys.stderr)
+        return 1
+    torch.manual_seed(a.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("rlhf-lit chat: type 'clear' to start over, 'quit' to leave.")
+    history = ""
+    while True:
+        try:
+            line = input("Human: ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and line == "":
+            break  # end of piped input
+        msg = line.strip()
+        if not msg:
+            continue
+        if msg.lower() in ("quit", "exit"):
+            break
+        if msg.lower() == "clear":
+            history = ""
+            print("[history cleared]", flush=True)
+            continue
+        if not interactive:
+            print(f"Human: {msg}")
+        history += TURN.format(msg)
+        answer = reply(model, tok, history, gen, a.max_context)
+        history += answer
+        print(f"Assistant:{answer if answer.startswith(' ') else ' ' + answer}", flush=True)
+    return 0
