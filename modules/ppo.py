@@ -41,6 +41,7 @@ class PPOModule(StageModule):
         algo: Optional[PPOConfig] = None,
         lora: Optional[LoRA] = None,
         monitor: Optional[RewardSource] = None,
+        value_head_on_actor: bool = False,
         samples_every: int = 10,
     ) -> None:
         """Args:
@@ -59,6 +60,8 @@ class PPOModule(StageModule):
         lora: train low-rank adapters on the actor.
         monitor: a reward source scored on every rollout and logged as objective/monitor_scores but never
             trained on (e.g. the gold reward, to watch over-optimisation of the proxy).
+        value_head_on_actor: take values from a linear head on the actor's last hidden state instead
+            of a separate critic network.
         samples_every: keep prompt/response/score samples for the sample table every n steps.
         """
         super().__init__(optimizer, schedule, weight_decay)
@@ -69,8 +72,10 @@ class PPOModule(StageModule):
         self.kl = kl or FixedKL(0.05)
         self.advantage = advantage or GAE()
         self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
-        if self.advantage.needs_critic and critic is None:
-            raise ValueError(f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward export)")
+        if self.advantage.needs_critic and critic is None and not value_head_on_actor:
+            raise ValueError(f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
+                             "export) or value_head_on_actor: true")
+        self.value_head_on_actor = value_head_on_actor and self.advantage.needs_critic
         self.samples_every = samples_every
         self.ac = self.ref = self.ema = None
         self.samples: list[dict] = []
@@ -82,8 +87,12 @@ class PPOModule(StageModule):
         if self.actor_spec.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy = apply_lora(policy, self.lora)
-        critic = self.critic_spec.build_scalar(self.tokenizer) if self.advantage.needs_critic else None
-        self.ac = ActorCritic(policy, critic)
+        critic = head = None
+        if self.value_head_on_actor:
+            head = torch.nn.Linear(policy.get_input_embeddings().embedding_dim, 1, bias=False)
+        elif self.advantage.needs_critic:
+            critic = self.critic_spec.build_scalar(self.tokenizer)
+        self.ac = ActorCritic(policy, critic, head)
         if self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
@@ -94,8 +103,8 @@ class PPOModule(StageModule):
 
     def trainable_groups(self):
         groups = param_groups(self.ac.policy, self.weight_decay)
-        if self.ac.critic is not None:
-            groups += param_groups(self.ac.critic, self.weight_decay, lr=self.algo.critic_lr)
+        if self.ac.has_values:
+            groups += param_groups(self.ac.critic or self.ac.value_head, self.weight_decay, lr=self.algo.critic_lr)
         return groups
 
     def optimizer_steps(self) -> int:

@@ -212,16 +212,20 @@ class Pipeline:
         return self.summary
 
 
-def main(argv: list[str]) -> int:
+def from_args(argv: list[str]) -> Pipeline:
+    """Parse ``--config FILE`` (and overrides) against Pipeline's typed signature."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="rlhf-lit pipeline", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(Pipeline, fail_untyped=True)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate_classes(parser.parse_args(argv))
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
-    Pipeline(**{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in kwargs.items()}).run()
+    return Pipeline(**{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in kwargs.items()})
+
+
+def main(argv: list[str]) -> int:
+    from_args(argv).run()
     return 0
 
 

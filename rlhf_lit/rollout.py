@@ -64,31 +64,53 @@ class PPOConfig:
 
 
 class ActorCritic(nn.Module):
-    """Policy and (optional) value model in one module, so one optimizer and one DeepSpeed engine
-    hold both (Lightning's DeepSpeedStrategy takes a single optimizer; TRL's PolicyAndValueWrapper)."""
+    """Policy and value model in one module, so one optimizer and one DeepSpeed engine hold both
+    (Lightning's DeepSpeedStrategy takes a single optimizer; TRL's PolicyAndValueWrapper).
 
-    def __init__(self, policy: nn.Module, critic: Optional[ScalarModel]) -> None:
+    The value comes from a separate ``critic`` network (DeepSpeed-Chat, OpenRLHF), or from a linear
+    ``value_head`` on the policy's last hidden state (one network, cheaper, values and policy interfere).
+    """
+
+    def __init__(self, policy: nn.Module, critic: Optional[ScalarModel] = None,
+                 value_head: Optional[nn.Linear] = None) -> None:
         super().__init__()
-        self.policy, self.critic = policy, critic
+        if critic is not None and value_head is not None:
+            raise ValueError("give a separate critic or a value head on the actor, not both")
+        self.policy, self.critic, self.value_head = policy, critic, value_head
+
+    @property
+    def has_values(self) -> bool:
+        return self.critic is not None or self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float = 1.0):
-        """Log-probs and entropy of the response tokens and the critic's values before each of them.
+        """Log-probs and entropy of the response tokens and the values before each of them.
 
         input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
         without a critic). Position P-1 predicts the first response token, hence the shift.
         """
-        logprobs, entropy = sequence_logprobs(self.policy, input_ids, attention_mask, prompt_len, temperature)
+        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), use_cache=False,
+                          output_hidden_states=self.value_head is not None)
+        logprobs, entropy = response_logprobs(out.logits, input_ids, prompt_len, temperature)
         values = None
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]
+        elif self.value_head is not None:
+            hidden = out.hidden_states[-1][:, prompt_len - 1 : -1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logprobs, entropy, values
+
+
+def response_logprobs(logits: Tensor, input_ids: Tensor, prompt_len: int, temperature: float = 1.0):
+    """Logits (B, P + R, V) of a whole sequence -> log-probs and entropies of its R response tokens (B, R),
+    at the sampling temperature."""
+    logits = logits[:, prompt_len - 1 : -1] / temperature
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy_from_logits(logits)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
     """(B, P + R) -> log-probs and entropies of the R response tokens, each (B, R)."""
     logits = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_len - 1 : -1] / temperature
-    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy_from_logits(logits)
+    return response_logprobs(logits, input_ids, prompt_len, temperature)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rlhf_lit.cli import lightning_cli
@@ -10,12 +11,34 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if yaml.safe_load(p.read_text()).get("model"))
 
 
+CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+                 "--trainer.precision=32-true"]
+
+
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_stage_config_parses_and_instantiates(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cli = lightning_cli(["--config", str(path), "--trainer.logger=false"], run=False)
+    cfg = yaml.safe_load(path.read_text())
+    extra = []
+    if cfg["trainer"].get("accelerator") == "gpu" and not torch.cuda.is_available():
+        parse_only(path)  # the whole config, GPU strategy included, against the schema
+        extra = CPU_OVERRIDES  # then build everything but the GPU trainer here
+    cli = lightning_cli(["--config", str(path), "--trainer.logger=false", *extra], run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.model).__name__ in {"SFTModule", "RewardModule", "PPOModule"}
+
+
+def parse_only(path):
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    class ParseOnly(LightningCLI):
+        def instantiate_classes(self):
+            pass
+
+    cli = ParseOnly(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    args=["--config", str(path)], run=False, auto_configure_optimizers=False)
+    assert cli.config.trainer.strategy is not None
 
 
 def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
@@ -32,3 +55,16 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lightning_cli(["--config", str(bad)], run=False)
     assert "rouge_samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp_path):
+    from rlhf_lit.pipeline import from_args
+
+    monkeypatch.chdir(REPO)
+    pipe = from_args(["--config", str(path), f"--run_dir={tmp_path}"])
+    for stage in ("sft", "reward", "ppo"):
+        cfg = pipe.stage_config(stage)
+        assert cfg["data"]["init_args"]["blend"] == pipe.blend
+        exports = [c["init_args"]["dirpath"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("HFExport")]
+        assert exports == [str(tmp_path / stage / "export")]

@@ -95,6 +95,16 @@ def test_critic_free_estimators_run_without_a_critic(estimator, tokenizer_dir, t
     assert len(module.samples) == 2 * estimator.samples_per_prompt
 
 
+def test_value_head_on_the_actor_instead_of_a_critic(tokenizer_dir, tmp_path):
+    dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
+    module = build(ppo_module(CallableReward("rule_rewards:word_count"), critic=None, value_head_on_actor=True), dm)
+    assert module.ac.critic is None and module.ac.value_head is not None
+    head0 = module.ac.value_head.weight.detach().clone()
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(module, datamodule=dm)
+    assert not torch.equal(head0, module.ac.value_head.weight) and "ppo/value_loss" in t.callback_metrics
+
+
 def test_gae_without_critic_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a critic"):
         PPOModule(actor=spec(), reward=CallableReward("rule_rewards:apple_share"))

@@ -137,3 +137,28 @@ def test_both_stages_run_for_every_family(family, tokenizer_dir, tmp_path):
         before = snapshot(module.model)
         t.fit(module, datamodule=dm)
         assert changed(before, module.model) and torch.isfinite(t.callback_metrics["train/loss"])
+
+
+def test_sft_lora_with_gradient_checkpointing_merges_on_export(tokenizer_dir, tmp_path):
+    from rlhf_lit.models import LoRA
+
+    dm = datamodule(SFTDataModule, tokenizer_dir, n=40)
+    s = TinyModel(family="gpt2", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=128,
+                  gradient_checkpointing=True)
+    module = SFTModule(s, optimizer=adamw(1e-2), lora=LoRA(r=4, alpha=8))
+    t = trainer(tmp_path, max_steps=3, callbacks=[HFExport(str(tmp_path / "export"))])
+    dm.setup()
+    module.tokenizer = dm.tokenizer
+    module.configure_model()
+    trainable = {k for k, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in k for k in trainable)
+    before = snapshot(module.model)
+    t.fit(module, datamodule=dm)
+    assert changed(before, module.model)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert not any("lora" in k for k, _ in loaded.named_parameters())
+    batch = next(iter(dm.train_dataloader()))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits,
+                                   module(batch["input_ids"], batch["attention_mask"]), atol=1e-4, rtol=1e-4)
