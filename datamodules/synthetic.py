@@ -5,7 +5,8 @@ preferences are labelled by a known function, so we can measure whether the lear
 and the PPO policy improve what the labels encode. Seeded and offline. Pure Python.
 
 Three instruction kinds, each scored out of 3 by several components (so length alone does not win):
-- list:   "List 3 fruits."            -> count right, items in the category, no repeats, a final period
+- list:   "List 3 fruits."            -> items in the category, and (as far as they are) the right count,
+                                          no repeats, a final period
 - sum:    "Answer politely: what is 2 plus 3?" -> the right number, a polite word, brevity
 - shout:  "Reply in capitals: hello." -> the same word, in capitals
 Every response also loses 0.25 per word beyond 12 (rambling).
@@ -49,11 +50,12 @@ def gold_reward(prompt: str, response: str) -> float:
     if m := LIST_RE.search(ask):
         n, items = int(m.group(1)), [w.strip(" .").lower() for w in response.split(",") if w.strip(" .")]
         vocab = CATEGORIES.get(m.group(2), [])
+        # Count, repeats and the period only count as far as the items are on topic: an off-task
+        # reply ("Sure, 2 plus 3 is 5.") must not score by having the right number of commas.
+        on_topic = sum(i in vocab for i in items) / len(items) if items else 0.0
         if items:
-            score += max(0.0, 1.0 - abs(len(items) - n) / n)
-            score += sum(i in vocab for i in items) / len(items)
-            score += 0.5 * len(set(items)) / len(items)
-        score += 0.5 * response.rstrip().endswith(".")
+            score += on_topic * (1.0 + max(0.0, 1.0 - abs(len(items) - n) / n) + 0.5 * len(set(items)) / len(items))
+        score += 0.5 * (on_topic > 0 and response.rstrip().endswith("."))
     elif m := SUM_RE.search(ask):
         target = str(int(m.group(1)) + int(m.group(2)))
         numbers = re.findall(r"\d+", response)

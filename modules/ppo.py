@@ -2,7 +2,6 @@
 an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed-Chat step 3)."""
 from __future__ import annotations
 
-import copy
 import time
 from typing import Optional
 
@@ -13,7 +12,7 @@ from rlhf_lit import losses, ppo
 from rlhf_lit.estimators import GAE, AdvantageEstimator
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL, KLController
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, lm_inputs, merged
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, gathered, lm_inputs, merged
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, param_groups
 from rlhf_lit.rewards import RewardSource
@@ -98,8 +97,9 @@ class PPOModule(StageModule):
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
             source.build(self.tokenizer)
             source.eval().requires_grad_(False)
-        if self.algo.ema_beta is not None:
-            self.ema = copy.deepcopy(policy).eval().requires_grad_(False)
+        if self.algo.ema_beta is not None:  # built like the actor (partitioned under ZeRO-3), then copied
+            self.ema = apply_lora(self.actor_spec.build_causal_lm(self.tokenizer), self.lora).eval().requires_grad_(False)
+            self.update_ema(beta=0.0)
 
     def trainable_groups(self):
         groups = param_groups(self.ac.policy, self.weight_decay)
@@ -141,8 +141,12 @@ class PPOModule(StageModule):
         rewards, stats = ppo.shaped_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl.value,
                                             self.algo.kl_estimator)
         if self.algo.whiten_rewards:
-            rewards = ppo.whiten(rewards, ro.mask, shift_mean=False)
+            rewards = ppo.whiten(rewards, ro.mask, shift_mean=False, sum_fn=self.sum_over_ranks)
         return rewards, stats
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Data parallel: whitening statistics of the global batch, not of each rank's shard."""
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
     def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx):
         a = self.algo
@@ -167,7 +171,7 @@ class PPOModule(StageModule):
         rewards, kl_stats = self.rewards(ro)
         adv, ret = self.advantage(rewards, ro.values, ro.mask)
         if self.algo.whiten_advantages:
-            adv = ppo.whiten(adv, ro.mask)
+            adv = ppo.whiten(adv, ro.mask, sum_fn=self.sum_over_ranks)
 
         t0, opt, sched, n = time.perf_counter(), self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
         per_step, skipped = [], 0
@@ -184,7 +188,9 @@ class PPOModule(StageModule):
                 sched.step()
                 self.update_ema()
                 per_step.append(stats)
-        self.kl.update(float(kl_stats["kl"]), n)
+        # Every rank must hold the same beta: the controller sees the KL averaged over ranks.
+        kl = self.trainer.strategy.reduce(kl_stats["kl"], reduce_op="mean") if self.trainer.world_size > 1 else kl_stats["kl"]
+        self.kl.update(float(kl), n * self.trainer.world_size)
 
         timing = {**ro.timing, "train_s": time.perf_counter() - t0}
         self.log_step(ro, kl_stats, per_step, skipped, timing)
@@ -193,11 +199,14 @@ class PPOModule(StageModule):
                             for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
 
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def update_ema(self, beta: Optional[float] = None) -> None:
         """ema <- beta * ema + (1 - beta) * actor, after every optimizer step (DeepSpeed-Chat's beta 0.992)."""
-        if self.ema is not None:
-            beta = self.algo.ema_beta
-            for e, p in zip(self.ema.parameters(), self.ac.policy.parameters()):
+        if self.ema is None:
+            return
+        beta = self.algo.ema_beta if beta is None else beta
+        pairs = list(zip(self.ema.parameters(), self.ac.policy.parameters()))
+        with gathered([p for pair in pairs for p in pair], modifier_rank=0):
+            for e, p in pairs:
                 e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
 
     def log_step(self, ro: Rollout, kl_stats, per_step, skipped, timing) -> None:

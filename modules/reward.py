@@ -47,6 +47,7 @@ class RewardModule(StageModule):
         self.spec, self.loss_type, self.center_coef = model, loss, center_coef
         self.model = None
         self.val_stats: dict[str, float] = {}
+        self.train_stats: dict[str, float] = {}
         # Running mean of the score and its square, on validation and on training data: the export records
         # mean/std (validation's when there was one) for PPO's reward normalisation.
         self.val_moments, self.train_moments = (nn.ModuleList([MeanMetric(), MeanMetric()]) for _ in range(2))
@@ -105,10 +106,11 @@ class RewardModule(StageModule):
             self.val_stats = self.moments(self.val_moments)
             self.log_dict({f"val/{k}": v for k, v in self.val_stats.items()})
 
-    def on_train_epoch_start(self):
-        self.train_moments[0].reset(), self.train_moments[1].reset()
+    def on_train_epoch_end(self):
+        # Computed here on every rank (torchmetrics syncs across ranks), not in the rank-0 export.
+        self.train_stats = self.moments(self.train_moments)
 
     def export_models(self):
         meta = {**self.val_stats, "score_stats_from": "val"} if self.val_stats else \
-            {**self.moments(self.train_moments), "score_stats_from": "train"}
+            {**self.train_stats, "score_stats_from": "train"}
         return {"": lambda out: self.model.save_pretrained(out, meta=meta)}

@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from rlhf_lit.models import gathered
+
 
 class HFExport(L.Callback):
     """At the end of fit, write the stage's models in Hugging Face format to ``dirpath``.
@@ -22,8 +24,13 @@ class HFExport(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Under ZeRO-3 every rank takes part in gathering the full weights; rank 0 writes them.
+        with gathered(pl_module.parameters()):
+            if trainer.is_global_zero:
+                self.write(trainer, pl_module)
+        trainer.strategy.barrier("hf-export")
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         data = dm.blend.report() if dm is not None and hasattr(dm, "blend") else []
         tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")

@@ -7,6 +7,7 @@ partition weights at construction. ``HFModel`` loads from the hub or a directory
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -212,6 +213,21 @@ def merged(model: nn.Module) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
+@contextlib.contextmanager
+def gathered(params, modifier_rank: Optional[int] = None):
+    """Inside the block, ZeRO-3-partitioned parameters among ``params`` are whole (collective: every
+    rank must enter); with ``modifier_rank`` set, that rank's in-place edits are scattered back on exit.
+    A no-op for ordinary parameters, so callers need not know the strategy."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
 def _accepts_position_ids(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "position_ids" in inspect.signature(base.forward).parameters
@@ -260,7 +276,8 @@ class ScalarModel(nn.Module):
 
     def load_head(self, path: str | Path) -> None:
         path = Path(path)
-        self.value_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"])
+        with gathered([self.value_head.weight], modifier_rank=0):
+            self.value_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"])
         meta = path / SCALAR_META_FILE
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
 

@@ -4,6 +4,8 @@ Shapes: ``B`` batch, ``T`` time (tokens), ``V`` vocabulary.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -28,13 +30,22 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_fn: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Normalise the valid entries of ``x`` to zero mean and unit variance; masked entries become 0.
 
     Equal to whitening ``x[mask.bool()]`` on its own (tested). ``shift_mean=False`` keeps the mean,
-    as PPO implementations do for rewards (only the scale is normalised).
+    as PPO implementations do for rewards (only the scale is normalised). ``sum_fn`` sums a tensor over
+    data-parallel ranks, so the statistics are the global batch's, not each shard's.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if sum_fn is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        s = sum_fn(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
+        n = s[2].clamp(min=1)
+        mean = s[0] / n
+        var = ((s[1] / n - mean**2) * n / (n - 1).clamp(min=1)).clamp(min=0)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -71,9 +71,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_fn=None) -> Tensor:
     """Whitening of the valid (masked-in) entries; see :func:`rlhf_lit.ops.masked_whiten`."""
-    return masked_whiten(x, mask, shift_mean=shift_mean)
+    return masked_whiten(x, mask, shift_mean=shift_mean, sum_fn=sum_fn)
 
 
 def group_advantages(scores: Tensor, group_size: int, baseline: str = "grpo", eps: float = 1e-6) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.generation import GenerationConfig, decode, generate
-from rlhf_lit.models import ScalarModel, lm_inputs
+from rlhf_lit.models import ScalarModel, gathered, lm_inputs
 from rlhf_lit.ops import entropy_from_logits, logprobs_from_logits
 from rlhf_lit.ppo import KL_ESTIMATORS
 
@@ -147,7 +147,8 @@ def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, 
     """Sample responses with the actor, then score them with the reward source, the reference, the
     actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded."""
     t0 = time.perf_counter()
-    responses, mask = generate(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus)
+    with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
+        responses, mask = generate(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus)
     t1 = time.perf_counter()
     input_ids = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)

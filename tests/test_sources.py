@@ -7,7 +7,7 @@ import pytest
 from conftest import write_jsonl
 
 from datamodules.readers import DataError
-from datamodules.sources import hh_turns, load_source, split_hh
+from datamodules.sources import hh_turns, load_source
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 

@@ -11,9 +11,10 @@ P = "\n\nHuman: {}\n\nAssistant:"
     [
         ("List 3 fruits.", " apple, pear, plum.", 3.0),
         ("List 3 fruits.", " apple, pear, plum", 2.5),  # no period
-        ("List 3 fruits.", " apple, pear.", 1 - 1 / 3 + 1 + 0.5 + 0.5),  # one short
-        ("List 2 fruits.", " apple, cat.", 1 + 0.5 + 0.5 + 0.5),  # one off-category
+        ("List 3 fruits.", " apple, pear.", 1 + (1 - 1 / 3) + 0.5 + 0.5),  # one short
+        ("List 2 fruits.", " apple, cat.", 0.5 * (1 + 1 + 0.5) + 0.5),  # one off-category
         ("List 2 fruits.", " apple, apple.", 1 + 1 + 0.25 + 0.5),  # repeat
+        ("List 2 tools.", " Sure, 2 plus 3 is 5.", 0.0),  # off-task: right number of commas, nothing on topic
         ("Answer politely: what is 2 plus 3?", " Sure, 2 plus 3 is 5.", 3.0),
         ("Answer politely: what is 2 plus 3?", " 2 plus 3 is 5.", 2.25),
         ("Answer politely: what is 2 plus 3?", " Sure, 2 plus 3 is 6.", 1.5),
