@@ -124,6 +124,8 @@ def test_zero3_checkpoint_resumes_and_export_equals_consolidated_weights(run, tm
 def test_zero2_step_equals_plain_training(run, tmp_path):
     plain = tmp_path / "plain"
     res = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(run / "sft" / "config.yaml"),
+                          # DDP on one process is plain training with the same distributed sampler as DeepSpeed
+                          "--trainer.strategy=ddp", "--trainer.devices=1",
                           "--trainer.max_steps=3", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={plain}",
                           f"--trainer.logger.init_args.save_dir={plain}", "--trainer.callbacks=[]",
                           "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
