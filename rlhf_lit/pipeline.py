@@ -47,9 +47,13 @@ class EvalPlan:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` key by key; a ``class_path`` that changes brings its own init_args
+    (the old class's arguments may not fit the new class)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        old = out.get(k)
+        switch = isinstance(v, dict) and isinstance(old, dict) and v.get("class_path", old.get("class_path")) != old.get("class_path")
+        out[k] = deep_merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not switch else copy.deepcopy(v)
     return out
 
 
@@ -96,8 +100,9 @@ class Pipeline:
         trainer = cfg.setdefault("trainer", {})
         trainer.update(default_root_dir=str(d), enable_checkpointing=True)
         logger = trainer.get("logger")
-        if isinstance(logger, dict):
-            logger.setdefault("init_args", {})["save_dir"] = str(d)
+        for one in logger if isinstance(logger, list) else [logger]:
+            if isinstance(one, dict):
+                one.setdefault("init_args", {})["save_dir"] = str(d)
         callbacks = [c for c in trainer.get("callbacks") or [] if not c["class_path"].endswith(("HFExport", "ModelCheckpoint"))]
         callbacks += [spec("rlhf_lit.callbacks.HFExport", dirpath=str(d / "export")),
                       spec("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(d / "checkpoints"), save_last=True,

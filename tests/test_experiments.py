@@ -1,0 +1,60 @@
+"""Experiments: every overlay parses on its base, the runner reuses stages and writes its comparison."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_lit.cli import lightning_cli
+from rlhf_lit.experiments import experiment_files, pipeline_config, question, run_study
+from rlhf_lit.pipeline import from_args
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted(p.parent for p in (REPO / "experiments").glob("*/study.yaml"))
+EXPERIMENTS = [(study, name, stage, f) for study in STUDIES for name, stage, f in experiment_files(study)]
+
+
+@pytest.mark.parametrize("study,name,stage,path", EXPERIMENTS, ids=[f"{s.name}/{n}" for s, n, _, _ in EXPERIMENTS])
+def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = path.read_text()
+    assert len(text.splitlines()) <= 20 and question(path).startswith("Q:")
+    assert "WandbLogger" in text and "group:" in text and "tags:" in text
+    overlay = yaml.safe_load(text)
+    spec = yaml.safe_load((study / "study.yaml").read_text())
+    base = yaml.safe_load(Path(spec["base"]).read_text())
+    if not ({"blend"} & set(overlay)):  # a stage overlay composes with the stage's own base config
+        lightning_cli(["--config", base[stage]["config"], "--config", str(path)], run=False)
+    merged = tmp_path / "pipeline.yaml"
+    merged.write_text(yaml.safe_dump(pipeline_config(base, stage, overlay)))
+    pipe = from_args(["--config", str(merged), f"--run_dir={tmp_path / 'run'}"])
+    for s in ("sft", "reward", "ppo"):
+        resolved = tmp_path / f"{s}.yaml"
+        resolved.write_text(yaml.safe_dump(pipe.stage_config(s)))
+        lightning_cli(["--config", str(resolved)], run=False)
+
+
+def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
+    from test_pipeline import short_recipe
+
+    monkeypatch.chdir(REPO)
+    base = short_recipe(tmp_path, ppo_steps=3)
+    study = tmp_path / "study"
+    (study / "ppo").mkdir(parents=True)
+    (study / "reward").mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump({"base": str(base), "seeds": [0], "out": str(tmp_path / "out")}))
+    (study / "ppo" / "beta.yaml").write_text("# Q: a stronger KL?\nmodel: {init_args: {kl: {class_path: "
+                                             "rlhf_lit.kl_control.FixedKL, init_args: {value: 0.3}}}}\n")
+    (study / "reward" / "suffix.yaml").write_text("# Q: the divergent-suffix loss?\nmodel: {init_args: {loss: divergent_suffix}}\n")
+    out = run_study(study)
+    base_run, ppo_run, rm_run = out / "base/seed0", out / "ppo__beta/seed0", out / "reward__suffix/seed0"
+    # the PPO variant reused the base run's SFT and reward stages; the reward variant only its SFT
+    assert "FixedKL" in (ppo_run / "ppo/config.yaml").read_text() and "value: 0.3" in (ppo_run / "ppo/config.yaml").read_text()
+    assert not (ppo_run / "reward/checkpoints").exists() or (ppo_run / "reward/DONE").read_text() == (base_run / "reward/DONE").read_text()
+    assert (rm_run / "sft/DONE").read_text() == (base_run / "sft/DONE").read_text()
+    assert "divergent_suffix" in (rm_run / "reward/config.yaml").read_text()
+    table = (out / "results.md").read_text()
+    assert "| base |" in table and "| ppo/beta | Q: a stronger KL? |" in table and "| reward/suffix |" in table
+    assert (out / "reward_vs_kl.png").stat().st_size > 10_000
+    rows = json.loads((out / "results.json").read_text())
+    assert rows["ppo/beta"][0]["ppo"]["kl"] >= 0
