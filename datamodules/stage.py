@@ -12,13 +12,13 @@ from functools import partial
 from typing import Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules import collate as C
 from datamodules.blend import Blend
+from datamodules.sampler import ResumableSampler
 from rlhf_lit.tokenizer import TokenizerSpec
 
 
@@ -57,6 +57,7 @@ class StageDataModule(L.LightningDataModule):
         self.eval_items: list[dict] = []
         self.eval_records: list[dict] = []
         self.dropped: Counter = Counter()
+        self._resume: Optional[dict] = None
 
     def corpus(self):
         """Every text of the blend, for training a tokenizer on the run's own data."""
@@ -86,13 +87,30 @@ class StageDataModule(L.LightningDataModule):
         rank_zero_info(json.dumps({"data": self.blend.report(), "stage": self.stage, "train": len(self.train_items),
                                    "eval": len(self.eval_items), "dropped_when_encoding": dict(self.dropped)}))
 
+    def _sampler(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> ResumableSampler:
+        sampler = ResumableSampler(n, seed, shuffle)
+        if shuffle and self._resume is not None:
+            sampler.resume(self._resume["epoch"], self._resume["batches"] * batch_size * self._resume["world_size"])
+        return sampler
+
     def _loader(self, items, batch_size, shuffle):
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+        return DataLoader(items, batch_size=batch_size, sampler=self._sampler(len(items), batch_size, self.seed, shuffle),
                           collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self):
         return self._loader(self.train_items, self.batch_size, shuffle=True)
+
+    # -- mid-epoch resume: the checkpoint records how far into the epoch training got ------------------
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        # "processed", not "completed": ModelCheckpoint saves in on_train_batch_end, before the batch
+        # counts as completed, and the restarted loop resumes after the processed ones.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": done, "world_size": self.trainer.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def val_dataloader(self):
         return self._loader(self.eval_items, self.eval_batch_size, shuffle=False) if self.eval_items else []
@@ -170,7 +188,7 @@ class PromptDataModule(StageDataModule):
         # Repeat the ptx data so it lasts as long as the prompts: the prompts define the epoch.
         need = len(prompts) * self.ptx_batch_size
         items = self.ptx_items * (need // len(self.ptx_items) + 1)
-        ptx = DataLoader(items, batch_size=self.ptx_batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(self.seed + 1),
+        ptx = DataLoader(items, batch_size=self.ptx_batch_size,
+                         sampler=self._sampler(len(items), self.ptx_batch_size, self.seed + 1),
                          collate_fn=partial(C.collate_sft, pad_id=self.tokenizer.pad_token_id))
         return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")

@@ -234,9 +234,11 @@ class PPOModule(StageModule):
 
     # -- resume and export ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_controller"] = self.kl.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
         if "kl_controller" in checkpoint:
             self.kl.load_state_dict(checkpoint["kl_controller"])
 

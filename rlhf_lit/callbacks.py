@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from rlhf_lit.models import gathered
 
@@ -84,3 +86,47 @@ class SampleTable(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         if getattr(pl_module, "stage", "") == "ppo":
             self._emit(trainer, pl_module, "ppo/samples")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips optimizer steps whose gradients are not finite (a NaN/inf loss gives such gradients).
+
+    The step is skipped by dropping every gradient, so the optimizer leaves the weights alone; a
+    warning is logged and ``train/nonfinite_steps`` counts them. At the first bad step of a streak the
+    (still good) weights are checkpointed to ``<log dir>/before-nonfinite.ckpt``; after ``max_in_row``
+    bad steps in a row the run stops with :class:`NonFiniteError` naming that checkpoint. Under
+    DeepSpeed the engine owns the gradients (and fp16 overflow handling), so this guard does nothing.
+    """
+
+    def __init__(self, max_in_row: int = 10) -> None:
+        """Args:
+        max_in_row: consecutive non-finite steps tolerated before the run stops.
+        """
+        self.max_in_row, self.in_row, self.total = max_in_row, 0, 0
+        self.checkpoint: Path | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row == 1:
+            self.checkpoint = Path(trainer.log_dir or trainer.default_root_dir) / "before-nonfinite.ckpt"
+            trainer.save_checkpoint(self.checkpoint)
+        for p in params:
+            p.grad = None  # torch optimizers skip parameters without a gradient
+        rank_zero_warn(f"non-finite gradient at step {trainer.global_step}: update skipped "
+                       f"({self.in_row} in a row, {self.total} in total)")
+        pl_module.log("train/nonfinite_steps", float(self.total))
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(f"{self.in_row} optimizer steps in a row had non-finite gradients (step "
+                                 f"{trainer.global_step}); the weights from before are in {self.checkpoint}")

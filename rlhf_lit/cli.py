@@ -60,7 +60,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
               file=sys.stderr)
         return 2
-    lightning_cli(None if from_shell else argv)
+    from rlhf_lit.callbacks import NonFiniteError
+
+    try:
+        lightning_cli(None if from_shell else argv)
+    except NonFiniteError as e:
+        print(f"rlhf-lit: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

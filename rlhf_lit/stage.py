@@ -3,11 +3,13 @@ the Hugging Face export and its model card. One copy here instead of one per sta
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
@@ -25,6 +27,7 @@ class StageModule(L.LightningModule):
         self.optimizer_factory, self.schedule, self.weight_decay = optimizer, schedule or LRSchedule(), weight_decay
         self.tokenizer = None
         self._t0: Optional[float] = None
+        self._rng_to_restore: Optional[dict] = None
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -34,6 +37,14 @@ class StageModule(L.LightningModule):
             self.tokenizer = dm.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"{type(self).__name__} needs a tokenizer: use it with a datamodule that has one")
+
+    def configure_callbacks(self):
+        """Every stage skips non-finite updates (a trainer-level NonFiniteGuard with other settings wins)."""
+        from rlhf_lit.callbacks import NonFiniteGuard
+
+        if any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks):
+            return []
+        return [NonFiniteGuard()]
 
     def trainable_groups(self) -> list[dict]:
         """Parameter groups for the optimizer (PPO overrides this for actor + critic)."""
@@ -58,6 +69,32 @@ class StageModule(L.LightningModule):
             self.log(f"train/{unit}_per_s", n_items / dt)
         self._t0 = now
 
+    # -- resume: RNG states travel with the checkpoint (PPO samples, dropout), so a resumed run continues
+    # with the random numbers an uninterrupted one would have drawn.
+    # Stored as tensors, lists and numbers only, so checkpoints load with torch.load(weights_only=True).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Hyperparameters given as objects (not through the CLI, whose config dicts are kept) are
+        # recorded by their repr: a checkpoint must never need unpickling arbitrary classes.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = {k: v if _plain(v) else repr(v) for k, v in checkpoint["hyper_parameters"].items()}
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                                    "python_gauss": random.getstate()[2],
+                                    "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied in on_train_start: building models after the restore (configure_model) draws random
+        # numbers, which would otherwise shift the stream the resumed run continues with.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if states:
+            torch.set_rng_state(states["torch"])
+            random.setstate((3, tuple(states["python"]), states["python_gauss"]))
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
     # -- export ---------------------------------------------------------------------------------
     def export_models(self) -> dict[str, Callable[[Path], None]]:
         """Subfolder name ('' for the root) -> a function that saves that model there."""
@@ -74,6 +111,17 @@ class StageModule(L.LightningModule):
             self.tokenizer.save_pretrained(out)
             write_model_card(out, self.stage + (f" ({sub})" if sub else ""), metrics, list(data or []))
         return dirpath
+
+
+def _plain(value) -> bool:
+    """Whether ``value`` is built from types ``torch.load(weights_only=True)`` accepts."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def write_model_card(out: Path, stage: str, metrics: dict, data: list[dict]) -> None:

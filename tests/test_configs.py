@@ -8,7 +8,9 @@ import yaml
 from rlhf_lit.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if yaml.safe_load(p.read_text()).get("model"))
+STAGE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                       if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {}))
+STRATEGIES = sorted((REPO / "configs/strategy").glob("*.yaml"))
 
 
 CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
@@ -26,6 +28,16 @@ def test_stage_config_parses_and_instantiates(path, monkeypatch):
     cli = lightning_cli(["--config", str(path), "--trainer.logger=false", *extra], run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert type(cli.model).__name__ in {"SFTModule", "RewardModule", "PPOModule"}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_strategy_overlays_compose_with_every_stage(stage, strategy, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cli = lightning_cli(["--config", f"configs/{stage}/tiny.yaml", "--config", str(strategy), "--trainer.logger=false"],
+                        run=False)
+    assert type(cli.trainer.strategy).__name__ == "DeepSpeedStrategy"
+    assert cli.trainer.strategy.config["zero_optimization"]["stage"] in (1, 2, 3)
 
 
 def parse_only(path):

@@ -1,0 +1,162 @@
+"""The bad-input corpus: every case gives one line naming the file/row/field or option, a non-zero exit,
+and no traceback — or, where skipping was asked for, a counted skip. Never a silent drop."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from datamodules.readers import BadRow
+from datamodules.sources import REGISTRY, Drop, load_source
+
+H, A = "\n\nHuman:", "\n\nAssistant:"
+GOOD_HH = json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A} b"})
+
+# (id, source, file name, file bytes, options, expected stderr fragment) -- strict mode: exit 1
+ERRORS = [
+    ("malformed-json", "hh_rlhf", "x.jsonl", GOOD_HH + "\n{\"chosen\": \n", {}, "x.jsonl:2: malformed JSON"),
+    ("truncated-json", "hh_rlhf", "x.jsonl", '{"chosen": "a", "rejected": "b"', {}, "x.jsonl:1: malformed JSON"),
+    ("not-an-object", "hh_rlhf", "x.jsonl", "[1, 2]\n", {}, "x.jsonl:1: expected a JSON object"),
+    ("missing-field", "hh_rlhf", "x.jsonl", '{"chosen": "a"}\n', {}, "x.jsonl:1: field 'rejected' is missing"),
+    ("wrong-type", "hh_rlhf", "x.jsonl", '{"chosen": 1, "rejected": "b"}\n', {}, "field 'chosen' should be a string"),
+    ("null-field", "hh_rlhf", "x.jsonl", '{"chosen": null, "rejected": "b"}\n', {}, "field 'chosen' should be a string, got NoneType"),
+    ("empty-file", "hh_rlhf", "x.jsonl", "", {}, "x.jsonl: file is empty"),
+    ("blank-lines-only", "hh_rlhf", "x.jsonl", "\n\n\n", {}, "x.jsonl: file has no rows"),
+    ("non-utf8", "hh_rlhf", "x.jsonl", b'{"chosen": "\xff", "rejected": "b"}\n', {}, "x.jsonl:1: bytes are not valid UTF-8"),
+    ("non-utf8-csv", "prompts", "x.csv", b'"act","prompt"\n"a","\xfe"\n', {}, "x.csv:2: bytes are not valid UTF-8"),
+    ("csv-no-header", "prompts", "x.csv", "\n", {}, "x.csv: CSV has no header row"),
+    ("csv-ragged-row", "prompts", "x.csv", '"act","prompt"\n"a","b","c"\n', {}, "x.csv:2: row has a different number of fields"),
+    ("csv-missing-column", "prompts", "x.csv", '"act","text"\n"a","b"\n', {}, "x.csv:2: field 'prompt' is missing"),
+    ("json-not-a-list", "tldr", "x.json", '{"rows": 3}', {}, "x.json: expected a JSON list"),
+    ("json-malformed", "tldr", "x.json", '[{"prompt": ', {}, "x.json:1: malformed JSON"),
+    ("unsupported-suffix", "tldr", "x.txt", "hello", {}, "unsupported file type '.txt'"),
+    ("missing-file", "tldr", "missing.jsonl", None, {}, "missing.jsonl: no such file"),
+    ("shp-bad-label", "shp", "x.jsonl", json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 2}) + "\n",
+     {}, "field 'labels' should be 0 or 1"),
+    ("shp-ratio-not-a-number", "shp", "x.jsonl", json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1,
+     "score_ratio": "lots"}) + "\n", {"min_score_ratio": 2}, "field 'score_ratio' should be a number"),
+    ("shp-empty-post", "shp", "x.jsonl", json.dumps({"history": " ", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}) + "\n",
+     {}, "field 'history' is empty"),
+    ("comparisons-bad-summaries", "comparisons", "x.jsonl", json.dumps({"info": {"post": "p", "title": "t", "subreddit": "s"},
+     "summaries": [{"text": "a"}], "choice": 0}) + "\n", {}, "field 'summaries' should be a list of two objects"),
+    ("comparisons-bad-choice", "comparisons", "x.jsonl", json.dumps({"info": {"post": "p", "title": "t", "subreddit": "s"},
+     "summaries": [{"text": "a"}, {"text": "b"}], "choice": 5}) + "\n", {}, "field 'choice' should be 0 or 1"),
+    ("tldr-missing-title", "tldr", "x.jsonl", json.dumps({"subreddit": "s", "post": "p", "summary": "x"}) + "\n", {},
+     "field 'title' is missing"),
+    ("unknown-normalizer-option", "shp", "x.jsonl", GOOD_HH + "\n", {"min_ratio": 2}, "bad options ['min_ratio']"),
+    ("json-field-map-wrong", "json", "x.jsonl", GOOD_HH + "\n", {"fields": {"question": "q"}}, "'fields' must map 'prompt'"),
+]
+
+# (id, source, file bytes, options, skip_bad_rows, expected dropped counts) -- counted, never silent
+COUNTED = [
+    ("empty-chosen", "hh_rlhf", json.dumps({"chosen": f"{H} q{A}", "rejected": f"{H} q{A} b"}), {}, False, {"empty_chosen": 1}),
+    ("empty-rejected", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A}  "}), {}, False, {"empty_rejected": 1}),
+    ("chosen-equals-rejected", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A} a"}), {}, False,
+     {"identical": 1}),
+    ("histories-differ", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a{H} x{A} y", "rejected": f"{H} q{A} b{H} x{A} z"}), {},
+     False, {"history_differs": 1}),
+    ("empty-summary", "tldr", json.dumps({"prompt": "p", "label": ""}), {}, False, {"empty_response": 1}),
+    ("skip-malformed", "hh_rlhf", GOOD_HH + "\n{oops", {}, True, {"malformed_json": 1}),
+    ("skip-missing-field", "hh_rlhf", GOOD_HH + '\n{"chosen": "a"}', {}, True, {"missing_field:rejected": 1}),
+    ("skip-non-utf8", "hh_rlhf", GOOD_HH.encode() + b'\n{"chosen": "\xff"}', {}, True, {"not_utf8": 1}),
+]
+
+
+def write(tmp_path: Path, name: str, content) -> Path:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def inspect(*args):
+    return subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "data", "inspect", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
+def test_bad_data_is_one_line_error(case, tmp_path):
+    _, source, name, content, options, expected = case
+    path = write(tmp_path, name, content)
+    out = inspect("--source", source, "--path", str(path), "--options", json.dumps(options))
+    assert out.returncode == 1, out.stdout
+    assert expected in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", COUNTED, ids=[c[0] for c in COUNTED])
+def test_expected_drops_and_skips_are_counted(case, tmp_path):
+    _, source, content, options, skip, dropped = case
+    path = write(tmp_path, "x.jsonl", content)
+    res = load_source(source, str(path), options=options, skip_bad_rows=skip)
+    assert dict(res.dropped) == dropped
+    assert res.rows == res.kept + sum(res.dropped.values())
+
+
+def test_prompts_longer_than_the_context_are_truncated_or_counted(tok):
+    from datamodules.collate import encode_prompts, encode_sft
+
+    long = "\n\nHuman: " + "word " * 200 + "\n\nAssistant:"
+    items, dropped = encode_prompts(tok, [{"prompt": long}], max_len=16)
+    assert len(items[0]["prompt_ids"]) == 16 and tok.decode(items[0]["prompt_ids"]).endswith("Assistant:")
+    items, dropped = encode_sft(tok, [{"prompt": long, "response": " yes"}], max_len=16)
+    assert items == [] and dropped == {"prompt_fills_max_seq_len": 1}
+
+
+def test_reward_export_with_another_tokenizer_retokenizes(tok, tokenizer_dir, tmp_path):
+    """A reward model trained with a different tokenizer scores the texts, not the actor's ids."""
+    import torch
+
+    from rlhf_lit.models import TinyModel
+    from rlhf_lit.rewards import ModelReward
+    from rlhf_lit.tokenizer import train_bpe
+
+    other = train_bpe(["completely different words " * 3, "another corpus entirely"], vocab_size=300, min_frequency=1)
+    spec = TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64)
+    spec.build_scalar(other).save_pretrained(tmp_path / "rm", meta={"score_mean": 0.0, "score_std": 1.0})
+    other.save_pretrained(tmp_path / "rm")
+    reward = ModelReward(str(tmp_path / "rm"))
+    reward.build(tok)
+    assert not reward.same_tokenizer
+    ids = torch.tensor([tok("\n\nHuman: hi\n\nAssistant: yes")["input_ids"]])
+    scores = reward(["\n\nHuman: hi\n\nAssistant:"], [" yes"], ids, torch.ones_like(ids))
+    assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+def test_pipeline_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("run_dir: x\nblend: {sources: []}\nsft: {config: a.yaml}\nreward: {config: b.yaml}\nppo: {confg: c.yaml}\n")
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(bad)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "confg" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_command_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "trian"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
+
+
+values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40),
+                   st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+FIELDS = ["chosen", "rejected", "prompt", "response", "label", "summary", "subreddit", "title", "post", "history",
+          "human_ref_A", "human_ref_B", "labels", "score_ratio", "info", "summaries", "choice", "act", "post_id"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(REGISTRY)), row=st.dictionaries(st.sampled_from(FIELDS), values, max_size=8))
+def test_normalizers_only_return_records_or_raise_counted_reasons(name, row):
+    """Random rows: a normalizer returns a record with string fields, or raises Drop/BadRow with a reason."""
+    options = {"json": {"fields": {"prompt": "prompt", "response": "response"}}}.get(name, {})
+    norm = REGISTRY[name](**options)
+    try:
+        record = norm(row)
+    except (Drop, BadRow) as e:
+        assert e.reason and isinstance(e.reason, str)
+        return
+    assert isinstance(record["prompt"], str)
+    assert all(isinstance(record[k], str) for k in ("response", "chosen", "rejected") if k in record)
+    if "chosen" in record:
+        assert record["chosen"] != record["rejected"] and record["chosen"].strip() and record["rejected"].strip()
