@@ -130,6 +130,11 @@ def run_study(study: Path, seeds: list[int] | None = None, out: Path | None = No
     (out / "results.md").write_text(f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}")
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     plot(out, list(rows), seeds[0])
+    if spec.get("results"):  # the small artefacts that are committed beside the study
+        publish = Path(spec["results"])
+        publish.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", "results.json", "reward_vs_kl.png"):
+            shutil.copy(out / name, publish / name)
     print(table)
     return out
 

@@ -57,4 +57,4 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     assert "| base |" in table and "| ppo/beta | Q: a stronger KL? |" in table and "| reward/suffix |" in table
     assert (out / "reward_vs_kl.png").stat().st_size > 10_000
     rows = json.loads((out / "results.json").read_text())
-    assert rows["ppo/beta"][0]["ppo"]["kl"] >= 0
+    assert isinstance(rows["ppo/beta"][0]["ppo"]["kl"], float)  # k1 estimate: may dip below 0 near the reference
