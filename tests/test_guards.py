@@ -43,6 +43,6 @@ def test_a_streak_stops_the_run_with_a_clear_error(tokenizer_dir, tmp_path):
     t = trainer(tmp_path, max_steps=20, callbacks=[NonFiniteGuard(max_in_row=3)])
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row .*before-nonfinite\.ckpt"):
         t.fit(module, datamodule=dm)
-    ckpt = torch.load(tmp_path / "logs" / "version_0" / "before-nonfinite.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "logs" / "version_0" / "before-nonfinite.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())

@@ -30,8 +30,11 @@ def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1) -> Pat
     return path
 
 
+SECRET = "wandb-key-that-must-never-be-written-0123456789"
+
+
 def rlhf_lit(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": SECRET}
     return subprocess.run([sys.executable, "-m", "rlhf_lit.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600, **kw)
 
@@ -48,6 +51,8 @@ def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
                        ("reward", "wall_s"), ("ppo", "wall_s"), ("ppo", "win_rate_vs_sft_gold")]:
         assert isinstance(s[stage][key], float), (stage, key)
     assert s["sft"]["kl"] == 0.0 and (run / "reward_vs_kl.png").stat().st_size > 10_000
+    written = [f for f in run.rglob("*") if f.is_file() and f.suffix in (".yaml", ".json", ".csv", ".md", ".jsonl", ".txt")]
+    assert written and not any(SECRET in f.read_text(errors="ignore") for f in written)  # no secrets on disk
     for sub in ("sft/export", "reward/export", "ppo/export/actor", "ppo/export/actor_ema", "ppo/export/critic"):
         assert (run / sub / "config.json").exists(), sub
     # each stage's resolved config is re-runnable on its own
