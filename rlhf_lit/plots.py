@@ -32,6 +32,9 @@ def reward_vs_kl(runs: dict[str, Path], out: Path, title: str = "", window: int 
     import matplotlib.pyplot as plt
 
     fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab20").colors  # enough distinct colours for a study's runs
+    for ax in (gold_ax, proxy_ax):
+        ax.set_prop_cycle(color=colors[::2] + colors[1::2])
     for name, path in runs.items():
         s = read_series(Path(path), ["objective/kl", "objective/scores"])
         if not s["objective/kl"]:
