@@ -76,9 +76,9 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{'figure':<28}{'value':>12}")
-    for k in ("sft_tokens_per_s", "sft_samples_per_s", "reward_pairs_per_s", "reward_tokens_per_s", "ppo_prompts_per_s",
-              "ppo_step_s"):
+    for k in ("sft_tokens_per_s", "sft_samples_per_s", "reward_pairs_per_s", "reward_tokens_per_s", "ppo_prompts_per_s"):
         print(f"{k:<28}{result[k]:>12.1f}")
+    print(f"{'ppo_step_s':<28}{result['ppo_step_s']:>12.4f}")
     for k, v in result["ppo_time_split"].items():
         print(f"{'ppo_share_' + k:<28}{v:>12.1%}")
 
