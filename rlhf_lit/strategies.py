@@ -82,12 +82,16 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
             yield
 
     def _initialize_deepspeed_inference(self, model) -> None:
+        """As Lightning's (validate/test/predict outside fit), with the CPU-safe device rank."""
         if not self.on_cpu:
             return super()._initialize_deepspeed_inference(model)
-        # Lightning's method reads root_device.index for the device rank; route it through ours.
-        index = self.root_device.index
-        self.parallel_devices[self.local_rank] = torch.device("cpu", self._device_rank)
-        try:
-            super()._initialize_deepspeed_inference(model)
-        finally:
-            self.parallel_devices[self.local_rank] = torch.device("cpu") if index is None else torch.device("cpu", index)
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        config = {"train_micro_batch_size_per_gpu": 1, **{k: self.config[k] for k in ("bf16",) if k in self.config}}
+        if self.zero_stage_3:
+            config.update({k: self.config[k] for k in ("zero_allow_untested_optimizer", "zero_optimization")})
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=self._device_rank), config=config,
+                                                   model=model, optimizer=None, lr_scheduler=None, model_parameters=[],
+                                                   dist_init_required=False)

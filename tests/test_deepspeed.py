@@ -146,3 +146,12 @@ def test_zero2_step_equals_plain_training(run, tmp_path):
 def test_ppo_under_zero_on_gpu(run, zero, tmp_path):
     fit(run, "ppo", tmp_path, zero, extra=["--trainer.accelerator=gpu"])
     assert (tmp_path / "export/actor/model.safetensors").exists()
+
+
+def test_validate_under_zero3_outside_fit(run):
+    res = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "validate", "--config", str(run / "sft" / "config.yaml"),
+                          "--config", str(REPO / "configs/strategy/zero3.yaml"), "--trainer.limit_val_batches=2",
+                          "--trainer.logger=false", "--trainer.callbacks=[]", "--model.init_args.rouge_samples=0"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "val/loss" in res.stdout
