@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -32,11 +32,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
 
+# The whole suite but GPU-only tests: about 10 minutes here (DeepSpeed, resume and study runs included).
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
-
-test-all: install
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# Without the tests marked slow (each experiment of every study run for a few steps).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

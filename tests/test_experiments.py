@@ -58,3 +58,24 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     assert (out / "reward_vs_kl.png").stat().st_size > 10_000
     rows = json.loads((out / "results.json").read_text())
     assert isinstance(rows["ppo/beta"][0]["ppo"]["kl"], float)  # k1 estimate: may dip below 0 near the reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_experiment_runs_a_few_steps_on_the_tiny_model(study, tmp_path, monkeypatch):
+    import shutil
+
+    from test_pipeline import short_recipe
+
+    monkeypatch.chdir(REPO)
+    small = tmp_path / "study"
+    for stage in ("sft", "reward", "ppo"):
+        if (study / stage).exists():
+            shutil.copytree(study / stage, small / stage)
+    base = short_recipe(tmp_path, ppo_steps=2)
+    (small / "study.yaml").write_text(yaml.safe_dump({"base": str(base), "seeds": [0], "out": str(tmp_path / "out")}))
+    out = run_study(small)
+    rows = json.loads((out / "results.json").read_text())
+    assert set(rows) == {"base", *(name for name, _, _ in experiment_files(study))}
+    for name, (summary,) in rows.items():
+        assert isinstance(summary["ppo"]["gold_reward_mean"], float), name
