@@ -179,7 +179,7 @@ class PPOModule(StageModule):
             order = torch.randperm(n, device=ro.mask.device)
             for idx in order.chunk(min(self.algo.num_minibatches, n)):
                 loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx)
-                if not torch.isfinite(loss) or (self.algo.max_ratio and stats["ratio_max"] > self.algo.max_ratio):
+                if self.diverged(loss, stats["ratio_max"]):
                     skipped += 1  # a diverged update: skip it rather than poison the weights
                     continue
                 opt.zero_grad()
@@ -197,6 +197,14 @@ class PPOModule(StageModule):
         if self.samples_every and batch_idx % self.samples_every == 0:
             self.samples = [{"prompt": p, "response": r, "score": float(s)}
                             for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
+
+    def diverged(self, loss: torch.Tensor, ratio_max: torch.Tensor) -> bool:
+        """A non-finite loss or an exploding policy ratio on any rank: every rank skips together (a step
+        taken by some ranks only would leave the others waiting in the gradient all-reduce)."""
+        bad = (~torch.isfinite(loss.detach())) | (ratio_max > (self.algo.max_ratio or float("inf")))
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        return bool(bad)
 
     @torch.no_grad()
     def update_ema(self, beta: Optional[float] = None) -> None:

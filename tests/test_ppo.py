@@ -157,3 +157,14 @@ def test_mean_reward_rises_with_a_rule_based_reward(tokenizer_dir, tmp_path):
     t.fit(module, datamodule=dm)
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert last > first + 0.3, (first, last)
+
+
+def test_diverged_minibatches_are_skipped_and_counted(tokenizer_dir, tmp_path):
+    dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
+    # every ratio is >= 1 (masked tokens count as 1), so max_ratio 0.5 marks every minibatch diverged
+    module = build(ppo_module(CallableReward("rule_rewards:word_count"), algo=PPOConfig(max_ratio=0.5, ema_beta=None)), dm)
+    actor0 = snapshot(module.ac.policy)
+    t = trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2)
+    t.fit(module, datamodule=dm)
+    assert unchanged(actor0, module.ac.policy)
+    assert t.callback_metrics["ppo/skipped_minibatches"] == 1.0
