@@ -9,9 +9,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text.rouge import ROUGEScore
 
 from rlhf_lit import losses
-from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.models import LoRA, ModelSpec, apply_lora, lm_inputs, merged
-from rlhf_lit.ops import pad_sequences
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
 
@@ -85,14 +84,9 @@ class SFTModule(StageModule):
         records = self.trainer.datamodule.eval_records[: self.rouge_samples]
         if not records:
             return {}
-        texts, refs = [], [r["response"] for r in records]
-        bs = self.trainer.datamodule.eval_batch_size
-        for i in range(0, len(records), bs):
-            prompts = [r["prompt"] for r in records[i : i + bs]]
-            ids, mask = pad_sequences(self.tokenizer(prompts, add_special_tokens=False)["input_ids"],
-                                      self.tokenizer.pad_token_id, side="left")
-            out, out_mask = generate(self.model, self.tokenizer, ids.to(self.device), mask.to(self.device), self.generation)
-            texts += decode(self.tokenizer, out, out_mask)
+        refs = [r["response"] for r in records]
+        texts, _ = generate_texts(self.model, self.tokenizer, [r["prompt"] for r in records], self.generation,
+                                  self.trainer.datamodule.eval_batch_size, device=self.device)
         self.samples = [{"prompt": r["prompt"], "generation": t, "reference": ref} for r, t, ref in zip(records, texts, refs)]
         scores = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))(texts, refs)
         return {k.replace("_fmeasure", ""): float(v) for k, v in scores.items() if k.endswith("_fmeasure")}

@@ -11,17 +11,14 @@ import sys
 
 import torch
 
-from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
 
 TURN = "\n\nHuman: {}\n\nAssistant:"
 
 
 def reply(model, tok, history: str, gen: GenerationConfig, max_context: int) -> str:
-    ids = tok(history, add_special_tokens=False)["input_ids"][-max_context:]
-    t = torch.tensor([ids])
-    out, mask = generate(model, tok, t, torch.ones_like(t), gen)
-    return decode(tok, out, mask)[0]
+    return generate_texts(model, tok, [history], gen, max_prompt_len=max_context)[0][0]
 
 
 def main(argv: list[str]) -> int:

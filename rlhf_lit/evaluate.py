@@ -9,11 +9,10 @@ import sys
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
-from rlhf_lit.models import load_scalar_model
+from rlhf_lit.models import HFModel, load_scalar_model
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource
 from rlhf_lit.rollout import sequence_logprobs
@@ -21,28 +20,16 @@ from rlhf_lit.tokenizer import HFTokenizer
 
 
 def load_policy(path: str):
+    """An exported causal LM and its tokenizer, in eval mode."""
     tok = HFTokenizer(path).load()
-    from rlhf_lit.hub import hub_errors
-
-    with hub_errors(path, "model"):
-        model = AutoModelForCausalLM.from_pretrained(path)
-    return model.eval(), tok
+    return HFModel(path).build_causal_lm(tok).eval(), tok
 
 
-@torch.no_grad()
 def sample(model, tok, prompts: list[str], gen: GenerationConfig, batch_size: int = 32, seed: int = 0,
            max_prompt_len: int = 256):
-    """Responses to ``prompts`` (seeded). Returns texts and, per batch, (ids, mask, prompt_len) for scoring."""
+    """Seeded responses to ``prompts``; see :func:`rlhf_lit.generation.generate_texts`."""
     torch.manual_seed(seed)
-    texts, batches = [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        ids, mask = pad_sequences([p[-max_prompt_len:] for p in tok(chunk, add_special_tokens=False)["input_ids"]],
-                                  tok.pad_token_id, side="left")
-        out, out_mask = generate(model, tok, ids, mask, gen)
-        texts += decode(tok, out, out_mask)
-        batches.append((torch.cat([ids, out], 1), torch.cat([mask, out_mask], 1), ids.size(1), out_mask.float()))
-    return texts, batches
+    return generate_texts(model, tok, prompts, gen, batch_size, max_prompt_len)
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rlhf_lit.ops import pad_sequences
+
 
 
 @dataclass
@@ -77,3 +79,21 @@ def decode(tokenizer, responses: Tensor, mask: Tensor) -> list[str]:
     eos = {tokenizer.eos_token_id}
     return [tokenizer.decode([t for t, m in zip(r.tolist(), k.tolist()) if m and t not in eos])
             for r, k in zip(responses, mask)]
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig, batch_size: int = 32,
+                   max_prompt_len: Optional[int] = None, device=None) -> tuple[list[str], list[tuple]]:
+    """Responses to prompt texts, in batches (prompts left-padded and cut from the left to
+    ``max_prompt_len`` tokens). Returns the texts and, per batch, (ids, mask, prompt_len, response_mask)
+    with ids/mask (B, P + R) for scoring the sequences afterwards."""
+    texts, batches = [], []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(prompts[i : i + batch_size], add_special_tokens=False)["input_ids"]
+        ids, mask = pad_sequences([x[-max_prompt_len:] if max_prompt_len else x for x in ids], tokenizer.pad_token_id,
+                                  side="left")
+        ids, mask = ids.to(device or ids.device), mask.to(device or ids.device)
+        out, out_mask = generate(model, tokenizer, ids, mask, cfg)
+        texts += decode(tokenizer, out, out_mask)
+        batches.append((torch.cat([ids, out], 1), torch.cat([mask, out_mask], 1), ids.size(1), out_mask.float()))
+    return texts, batches
