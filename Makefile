@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench bench-setup clean
 
 install: $(VENV)/.installed
 
@@ -40,5 +40,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
+# The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under
+# .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. About 20 minutes with the defaults.
+BENCH_ARGS ?=
+bench-setup: install
+	bash benchmarks/setup_peers.sh
+
+bench: bench-setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .bench runs .pytest_cache

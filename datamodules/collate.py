@@ -39,6 +39,45 @@ def collate_sft(items: list[dict], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask * mask}
 
 
+def pack_sft(items: list[dict], max_len: int, seed: int = 0) -> list[dict]:
+    """Several encoded SFT examples per row, up to ``max_len`` tokens (first fit, in a seeded shuffled
+    order). Each row keeps its examples apart: ``segments`` numbers them (attention stays inside one
+    example) and ``position_ids`` restart at 0. The first token of each example is never a target
+    (its loss_mask is 0): it would otherwise be predicted from the previous example."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(items[i]["input_ids"])
+        j = next((k for k, r in enumerate(room) if r >= n), None)
+        if j is None:
+            rows.append([]), room.append(max_len)
+            j = len(rows) - 1
+        rows[j].append(items[i])
+        room[j] -= n
+    out = []
+    for row in rows:
+        out.append({"input_ids": [t for x in row for t in x["input_ids"]],
+                    "loss_mask": [m if k else 0 for x in row for k, m in enumerate(x["loss_mask"])],
+                    "position_ids": [k for x in row for k in range(len(x["input_ids"]))],
+                    "segments": [s + 1 for s, x in enumerate(row) for _ in x["input_ids"]]})
+    return out
+
+
+def collate_packed(items: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """Packed rows (see pack_sft): ids, loss_mask, position_ids, the 2D padding mask (B, T) and a
+    block-diagonal causal mask ``attention_mask_4d`` (B, 1, T, T): True where a token may attend."""
+    batch = collate_sft(items, pad_id)
+    batch["position_ids"], _ = pad([x["position_ids"] for x in items], 0)
+    seg, _ = pad([x["segments"] for x in items], 0)  # 0 = padding
+    t = seg.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg > 0).unsqueeze(2)
+    # Padding rows attend to themselves only, so softmax never sees an empty row.
+    batch["attention_mask_4d"] = ((same & causal) | torch.eye(t, dtype=torch.bool)).unsqueeze(1)
+    return batch
+
+
 def encode_pairs(tok, records: list[dict], max_len: int) -> tuple[list[dict], Counter]:
     """prompt + chosen/rejected + eos. Over-long pairs lose prompt tokens from the left so the responses
     survive; a pair whose longer response alone fills ``max_len`` is dropped and counted."""
@@ -61,9 +100,10 @@ def encode_pairs(tok, records: list[dict], max_len: int) -> tuple[list[dict], Co
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict[str, Tensor]:
-    """Chosen rows first, then rejected, in one (2B, T) batch so one forward scores both."""
+    """Chosen rows first, then rejected, in one (2B, T) batch so one forward scores both; ``prompt_len``
+    (B,) lets the reward model run each shared prompt once (ScalarModel.score_shared_prompt)."""
     ids, mask = pad([x["chosen_ids"] for x in items] + [x["rejected_ids"] for x in items], pad_id)
-    batch = {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask, "prompt_len": torch.tensor([x["prompt_len"] for x in items])}
     if all("margin" in x for x in items):
         batch["margin"] = torch.tensor([x["margin"] for x in items])
     return batch

@@ -37,6 +37,7 @@ class StageDataModule(L.LightningDataModule):
         eval_limit: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
+        bucket_by_length: bool = False,
     ) -> None:
         """Args:
         blend: the sources, weights and stage split.
@@ -47,11 +48,14 @@ class StageDataModule(L.LightningDataModule):
         eval_limit: use at most this many held-out records for validation.
         num_workers: DataLoader workers.
         seed: shuffling seed of the training loader.
+        bucket_by_length: training batches of similar lengths (shuffled in windows of 50 batches, sorted
+            by length, batches shuffled): less padding, same data per epoch.
         """
         super().__init__()
         self.blend, self.tokenizer_spec = blend, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_seq_len, self.eval_limit, self.num_workers, self.seed = max_seq_len, eval_limit, num_workers, seed
+        self.bucket_by_length = bucket_by_length
         self.tokenizer = None
         self.train_items: list[dict] = []
         self.eval_items: list[dict] = []
@@ -72,6 +76,11 @@ class StageDataModule(L.LightningDataModule):
     def collate(self, items: list[dict]) -> dict:
         raise NotImplementedError
 
+    @staticmethod
+    def length(item: dict) -> int:
+        """Tokens of an encoded item (what padding is measured against)."""
+        return len(item["input_ids"])
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.tokenizer_spec.load(texts=self.corpus)
@@ -87,14 +96,17 @@ class StageDataModule(L.LightningDataModule):
         rank_zero_info(json.dumps({"data": self.blend.report(), "stage": self.stage, "train": len(self.train_items),
                                    "eval": len(self.eval_items), "dropped_when_encoding": dict(self.dropped)}))
 
-    def _sampler(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> ResumableSampler:
-        sampler = ResumableSampler(n, seed, shuffle)
+    def _sampler(self, n: int, batch_size: int, seed: int, shuffle: bool = True, items=None) -> ResumableSampler:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        lengths = [self.length(x) for x in items] if self.bucket_by_length and items is not None else None
+        # Data parallel: each rank takes every world-th index, so buckets span the global batch.
+        sampler = ResumableSampler(n, seed, shuffle, lengths, batch_size * world)
         if shuffle and self._resume is not None:
             sampler.resume(self._resume["epoch"], self._resume["batches"] * batch_size * self._resume["world_size"])
         return sampler
 
     def _loader(self, items, batch_size, shuffle):
-        return DataLoader(items, batch_size=batch_size, sampler=self._sampler(len(items), batch_size, self.seed, shuffle),
+        return DataLoader(items, batch_size=batch_size, sampler=self._sampler(len(items), batch_size, self.seed, shuffle, items),
                           collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self):
@@ -124,18 +136,23 @@ class SFTDataModule(StageDataModule):
 
     stage = "sft"
 
-    def __init__(self, *args, mask_prompt: bool = True, **kwargs) -> None:
+    def __init__(self, *args, mask_prompt: bool = True, pack: bool = False, **kwargs) -> None:
         """Args:
         mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
+        pack: put several examples in each row of up to max_seq_len tokens, each attending only to itself
+            (block-diagonal mask, positions restarting per example): almost no padding. batch_size then
+            counts rows. Needs a family that takes 4D attention masks and position_ids (opt, gpt2,
+            gpt_neox, llama and its relatives).
         """
         super().__init__(*args, **kwargs)
-        self.mask_prompt = mask_prompt
+        self.mask_prompt, self.pack = mask_prompt, pack
 
     def encode(self, records):
-        return C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt)
+        items, dropped = C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt)
+        return (C.pack_sft(items, self.max_seq_len, self.seed) if self.pack else items), dropped
 
     def collate(self, items):
-        return C.collate_sft(items, self.tokenizer.pad_token_id)
+        return (C.collate_packed if self.pack else C.collate_sft)(items, self.tokenizer.pad_token_id)
 
 
 class PreferenceDataModule(StageDataModule):
@@ -145,6 +162,13 @@ class PreferenceDataModule(StageDataModule):
 
     def encode(self, records):
         return C.encode_pairs(self.tokenizer, records, self.max_seq_len)
+
+    @staticmethod
+    def length(item):
+        # Sort key for bucketing: prompts of similar length (8-token bins), then responses of similar length.
+        # The reward model runs prompts and responses apart (shared_prompt), so both paddings count; on the
+        # benchmark workload this pads 22% above the real tokens, vs 35% sorting by whole length, 69% unsorted.
+        return (item["prompt_len"] // 8, max(len(item["chosen_ids"]), len(item["rejected_ids"])) - item["prompt_len"])
 
     def collate(self, items):
         return C.collate_pairs(items, self.tokenizer.pad_token_id)
@@ -169,6 +193,10 @@ class PromptDataModule(StageDataModule):
 
     def encode(self, records):
         return C.encode_prompts(self.tokenizer, records, self.max_prompt_len)
+
+    @staticmethod
+    def length(item):
+        return len(item["prompt_ids"])
 
     def collate(self, items):
         return C.collate_prompts(items, self.tokenizer.pad_token_id)

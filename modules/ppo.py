@@ -122,14 +122,14 @@ class PPOModule(StageModule):
         return self
 
     # -- the algorithm ------------------------------------------------------------------------
-    def rollout(self, batch) -> Rollout:
+    def rollout(self, batch, score_policy: bool = True) -> Rollout:
         ids, mask, prompts = batch["prompt_ids"], batch["prompt_mask"], batch["prompt"]
         k = self.advantage.samples_per_prompt
         if k > 1:  # group estimators: k samples of every prompt, adjacent rows
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             prompts = [p for p in prompts for _ in range(k)]
         return make_rollout(self.ac, self.ref, self.reward, self.tokenizer, ids, mask, prompts, self.gen,
-                            ref_from_adapters=self.lora is not None)
+                            ref_from_adapters=self.lora is not None, score_policy=score_policy)
 
     def rewards(self, ro: Rollout):
         """Clipped (and eos-penalised) scores plus the per-token KL penalty. Returns (B, R) and stats."""
@@ -148,10 +148,15 @@ class PPOModule(StageModule):
         """Data parallel: whitening statistics of the global batch, not of each rank's shard."""
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
-    def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx):
+    def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None):
+        """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused)."""
         a = self.algo
         mask = ro.mask[idx]
-        logprobs, entropy, values = self.ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.gen.temperature)
+        if out is None:
+            out = self.ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.gen.temperature)
+        else:
+            out = tuple(t[idx] if t is not None else None for t in out)
+        logprobs, entropy, values = out
         loss, stats = ppo.policy_loss(logprobs, ro.logprobs[idx], adv[idx], mask, a.clip_eps)
         stats["ratio_max"] = torch.exp((logprobs - ro.logprobs[idx]) * mask).max().detach()
         if values is not None:
@@ -167,18 +172,24 @@ class PPOModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         prompts, ptx = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)
-        ro = self.rollout(prompts)
+        fused = self.algo.fuse_first_forward and self.algo.ppo_epochs == 1 and self.algo.num_minibatches == 1
+        ro = self.rollout(prompts, score_policy=not fused)
+        t0, out = time.perf_counter(), None
+        if fused:  # the old log-probs/values are the training forward's, detached (one pass instead of two)
+            out = self.ac(ro.input_ids, ro.attention_mask, ro.prompt_len, self.gen.temperature)
+            ro.logprobs, ro.entropy = out[0].detach(), out[1].detach()
+            ro.values = out[2].detach() if out[2] is not None else None
         rewards, kl_stats = self.rewards(ro)
         adv, ret = self.advantage(rewards, ro.values, ro.mask)
         if self.algo.whiten_advantages:
             adv = ppo.whiten(adv, ro.mask, sum_fn=self.sum_over_ranks)
 
-        t0, opt, sched, n = time.perf_counter(), self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
+        opt, sched, n = self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
         per_step, skipped = [], 0
         for _ in range(self.algo.ppo_epochs):
             order = torch.randperm(n, device=ro.mask.device)
             for idx in order.chunk(min(self.algo.num_minibatches, n)):
-                loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx)
+                loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx, out)
                 if self.diverged(loss, stats["ratio_max"]):
                     skipped += 1  # a diverged update: skip it rather than poison the weights
                     continue

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from rlhf_lit import losses
 from rlhf_lit.models import ModelSpec
-from rlhf_lit.ops import last_attended_index
+from rlhf_lit.ops import last_attended_index, split_shared_prompt
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
 
@@ -30,6 +30,7 @@ class RewardModule(StageModule):
         weight_decay: float = 0.0,
         loss: str = "bradley_terry",
         center_coef: float = 0.0,
+        shared_prompt: bool = True,
     ) -> None:
         """Args:
         model: spec of the backbone (a value head is added, or loaded with a reward export).
@@ -39,12 +40,16 @@ class RewardModule(StageModule):
         loss: 'bradley_terry' on the last-token scores (with the pair's margin when the data has one),
             or 'divergent_suffix', DeepSpeed-Chat's token-wise loss over the differing suffix.
         center_coef: weight of the reward-centering term (Eisenstein et al. 2023); 0 disables it.
+        shared_prompt: run each pair's prompt once and both responses on its KV cache (same scores,
+            P + 2R tokens instead of 2(P + R)); only with bradley_terry and without gradient checkpointing.
         """
         super().__init__(optimizer, schedule, weight_decay)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.save_hyperparameters()
         self.spec, self.loss_type, self.center_coef = model, loss, center_coef
+        # The divergent-suffix loss reads every token's value; checkpointing drops the KV cache.
+        self.shared_prompt = shared_prompt and loss == "bradley_terry" and not model.gradient_checkpointing
         self.model = None
         self.val_stats: dict[str, float] = {}
         self.train_stats: dict[str, float] = {}
@@ -64,9 +69,13 @@ class RewardModule(StageModule):
 
     def step(self, batch):
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        values = self.model(ids, mask)  # (2B, T)
-        scores = values.gather(1, last_attended_index(mask).unsqueeze(1)).squeeze(1)
         b = ids.size(0) // 2
+        if self.shared_prompt and "prompt_len" in batch and bool((batch["prompt_len"] > 0).all()):
+            parts = split_shared_prompt(ids, mask, batch["prompt_len"], self.tokenizer.pad_token_id)
+            scores = self.model.score_shared_prompt(*parts).view(b, 2).t().reshape(-1)  # chosen rows, then rejected
+        else:
+            values = self.model(ids, mask)  # (2B, T)
+            scores = values.gather(1, last_attended_index(mask).unsqueeze(1)).squeeze(1)
         chosen, rejected = scores[:b], scores[b:]
         if self.loss_type == "divergent_suffix":
             loss, stats = losses.divergent_suffix_loss(values[:b], values[b:], ids[:b], ids[b:], mask[:b], mask[b:],

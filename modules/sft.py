@@ -15,6 +15,11 @@ from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
 
 
+# Families whose attention honours a 4D block-diagonal mask with restarting position_ids (checked in
+# tests/test_perf_options.py); BLOOM (ALiBi from the 2D mask), GPT-J, GPT-Neo and CodeGen do not.
+PACKABLE = ("opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+
+
 class SFTModule(StageModule):
     """Causal-LM loss on prompt + response (prompt tokens masked by the datamodule's ``loss_mask``)."""
 
@@ -52,14 +57,24 @@ class SFTModule(StageModule):
             model = self.spec.build_causal_lm(self.tokenizer)
             if self.spec.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
+            packed = self._trainer is not None and getattr(self.trainer.datamodule, "pack", False)
+            if packed and model.config.model_type not in PACKABLE:
+                raise ValueError(f"data.pack needs a model family that takes 4D attention masks and position_ids "
+                                 f"({', '.join(PACKABLE)}); {model.config.model_type!r} does not: set pack: false")
             self.model = apply_lora(model, self.lora)
 
-    def forward(self, input_ids, attention_mask):
-        """(B, T) ids and mask -> logits (B, T, V)."""
-        return self.model(**lm_inputs(self.model, input_ids, attention_mask), use_cache=False).logits
+    def forward(self, input_ids, attention_mask, position_ids=None, attention_mask_4d=None):
+        """(B, T) ids and mask -> logits (B, T, V). Packed rows bring their positions and a (B, 1, T, T)
+        block-diagonal mask (see datamodules.collate.pack_sft)."""
+        if attention_mask_4d is None:
+            kw = lm_inputs(self.model, input_ids, attention_mask)
+        else:
+            kw = {"input_ids": input_ids, "attention_mask": attention_mask_4d, "position_ids": position_ids}
+        return self.model(**kw, use_cache=False).logits
 
     def step(self, batch):
-        return losses.sft_loss(self(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("attention_mask_4d"))
+        return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
         loss, stats = self.step(batch)

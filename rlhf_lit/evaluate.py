@@ -52,8 +52,8 @@ def evaluate_policy(policy: str, prompts: list[str], rewards: dict[str, RewardSo
         ref, _ = load_policy(reference)
         kls = []
         for ids, mask, p, resp_mask in batches:
-            lp, _ = sequence_logprobs(model, ids, mask, p, gen.temperature)
-            rlp, _ = sequence_logprobs(ref, ids, mask, p, gen.temperature)
+            lp = sequence_logprobs(model, ids, mask, p, gen.temperature)
+            rlp = sequence_logprobs(ref, ids, mask, p, gen.temperature)
             kls += ((lp - rlp) * resp_mask).sum(-1).tolist()
         out["kl"] = statistics.mean(kls)
     out["examples"] = [{"prompt": p, "response": r} for p, r in zip(prompts[:3], texts[:3])]

@@ -7,8 +7,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlhf_lit.ops import pad_sequences
+from rlhf_lit.models import accepts_arg
+from rlhf_lit.ops import pad_sequences, position_ids_from_mask
 
+ENGINES = ("kv_loop", "hf")
 
 
 @dataclass
@@ -25,10 +27,15 @@ class GenerationConfig:
     top_p: float = 1.0
     stop_token: Optional[str] = None
     """an extra token text that ends a response, besides eos"""
+    engine: str = "kv_loop"
+    """'kv_loop': rlhf-lit's KV-cache sampling loop (1.5-2x faster than Hugging Face ``generate`` on small
+    models, see benchmarks/); 'hf': ``model.generate`` (needed for ``synced_gpus``)"""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"invalid generation settings {self}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"generation engine must be one of {ENGINES}, got {self.engine!r}")
 
 
 def stop_ids(tokenizer, cfg: GenerationConfig) -> list[int]:
@@ -57,21 +64,85 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: Gen
     token are replaced by pad and masked out, so every row ends at its first eos/stop.
     """
     stops = stop_ids(tokenizer, cfg)
-    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=tokenizer.pad_token_id,
-              eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus)
-    if cfg.do_sample:
-        kw.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)
+        if cfg.engine == "kv_loop" and not synced_gpus:
+            # clone(): out of inference mode, so the tokens can feed a training forward (PPO)
+            responses = kv_loop(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id).clone()
+        else:
+            responses = hf_generate(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, synced_gpus)
     finally:
         model.train(was_training)
-    responses = out[:, prompt_ids.size(1):]
     if responses.size(1) == 0:
         responses = torch.full((prompt_ids.size(0), 1), tokenizer.pad_token_id, device=prompt_ids.device)
     mask = response_mask(responses, stops)
     return responses.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+
+
+def hf_generate(model, prompt_ids, prompt_mask, cfg: GenerationConfig, stops, pad_id, synced_gpus=False) -> Tensor:
+    """Hugging Face ``generate``; returns the new tokens (B, R)."""
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad_id,
+              eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus)
+    if cfg.do_sample:
+        kw.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)[:, prompt_ids.size(1):]
+
+
+@torch.inference_mode()
+def kv_loop(model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, stops: list[int], pad_id: int) -> Tensor:
+    """Sample with the KV cache, one forward per new token, until every row has stopped.
+
+    What it saves over ``generate`` on small models (measured in benchmarks/): logits of the last
+    position only during prefill, one uniform number per row per token instead of ``multinomial``'s
+    (inverse-CDF sampling), and no logits-processor / stopping-criteria machinery.
+    (B, P) left-padded prompts -> (B, R) new tokens, pad after each row's stop token.
+    """
+    b, mask = prompt_ids.size(0), prompt_mask
+    positions = position_ids_from_mask(mask) if accepts_arg(model, "position_ids") else None
+    keep = {"logits_to_keep": 1} if accepts_arg(model, "logits_to_keep") else {}
+    step = {"input_ids": prompt_ids, "attention_mask": mask}
+    if positions is not None:
+        step["position_ids"] = positions
+    stop = torch.tensor(stops, device=prompt_ids.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    out, past, tokens = None, None, []
+    for t in range(cfg.max_new_tokens):
+        out = model(**step, past_key_values=past, use_cache=True, **keep)
+        past = out.past_key_values
+        nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+        step = {"input_ids": nxt.unsqueeze(1), "attention_mask": mask}
+        if positions is not None:
+            positions = positions[:, -1:] + 1
+            step["position_ids"] = positions
+    return torch.stack(tokens, 1)
+
+
+def pick_tokens(logits: Tensor, cfg: GenerationConfig) -> Tensor:
+    """Next tokens from last-position logits (B, V) -> (B,): greedy, or sampled at the temperature with
+    top-k / top-p filtering (as Hugging Face's warpers: top-k first, then the smallest set of tokens
+    whose probability reaches top_p)."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.size(-1):
+        kth = logits.topk(cfg.top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) > cfg.top_p  # mass before this token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # Inverse-CDF sampling: one uniform per row (torch.multinomial draws far more on CPU: ~0.8 ms a call
+    # for 8 x 4096 here). u > 0, so tokens of probability 0 are never picked.
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device).clamp_(min=1e-12) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(-1) - 1)
 
 
 def decode(tokenizer, responses: Tensor, mask: Tensor) -> list[str]:

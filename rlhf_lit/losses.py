@@ -17,9 +17,10 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tens
     logits: (B, T, V); input_ids, loss_mask: (B, T). Token t+1 is predicted from position t, so the
     mask is read on the target side: prompt tokens masked out (InstructGPT SFT) or all tokens in.
     """
-    logits = logits[:, :-1].float()
-    targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    # Targets shifted left instead of logits shifted right: no copy of the (B, T, V) logits.
+    mask = torch.cat([loss_mask[:, 1:], loss_mask.new_zeros(loss_mask.size(0), 1)], 1).float()
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], 1)
+    nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     loss = masked_mean(nll.view_as(targets), mask)
     return loss, {"loss": loss.detach(), "tokens": mask.sum().detach()}
 

@@ -228,15 +228,16 @@ def gathered(params, modifier_rank: Optional[int] = None):
         yield
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
+def accepts_arg(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward (a peft model's base model's) takes keyword ``name``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(base.forward).parameters
+    return name in inspect.signature(base.forward).parameters
 
 
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
     """Forward keywords with explicit ``position_ids`` where the family takes them (left padding safe)."""
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if _accepts_position_ids(model):
+    if accepts_arg(model, "position_ids"):
         kw["position_ids"] = position_ids_from_mask(attention_mask)
     return kw
 
@@ -266,6 +267,26 @@ class ScalarModel(nn.Module):
         """Scalar score of each sequence, read at its last attended token. (B, T) -> (B,)."""
         values = self(input_ids, attention_mask)
         return values.gather(1, last_attended_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+    def score_shared_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor, suffix_ids: Tensor, suffix_mask: Tensor) -> Tensor:
+        """Scores of several responses to each prompt with the prompt run once: the prompt forward's KV
+        cache is repeated for every response (gradients flow through it). Equal to scoring each whole
+        sequence (tests/test_perf_options.py) with fewer tokens: a preference pair costs P + 2R, not 2(P + R).
+
+        prompt_ids, prompt_mask: (B, P) left-padded; suffix_ids, suffix_mask: (B * G, S) right-padded in the
+        interleaved order of :func:`rlhf_lit.ops.split_shared_prompt`. Returns (B * G,) in that order.
+        """
+        groups = suffix_ids.size(0) // prompt_ids.size(0)
+        out = self.backbone(**lm_inputs(self.backbone, prompt_ids, prompt_mask), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(groups)
+        mask = torch.cat([prompt_mask.repeat_interleave(groups, 0), suffix_mask], 1)
+        kw = {"input_ids": suffix_ids, "attention_mask": mask}
+        if accepts_arg(self.backbone, "position_ids"):
+            kw["position_ids"] = position_ids_from_mask(mask)[:, prompt_ids.size(1):]
+        hidden = self.backbone(**kw, past_key_values=cache, use_cache=True).last_hidden_state
+        values = self.value_head(hidden).squeeze(-1).float()
+        return values.gather(1, last_attended_index(suffix_mask).unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, path: str | Path, meta: Optional[dict] = None) -> None:
         """Backbone via save_pretrained (safetensors), head beside it, ``meta`` (e.g. reward stats) as JSON."""

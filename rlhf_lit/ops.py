@@ -63,13 +63,6 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at each position. (B, T, V) -> (B, T)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions counted over attended tokens only, so left padding does not shift them. (B, T) -> (B, T).
 
@@ -98,3 +91,17 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
+
+
+def split_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: int, groups: int = 2):
+    """Rows that share a prompt in groups (row ``g * B + b`` is response g to prompt b, its first
+    ``prompt_len[b]`` tokens the prompt) -> the prompts once, left-padded, ``(B, P)`` ids and mask, and
+    the responses, right-padded, ``(B * groups, S)`` ids and mask in interleaved order
+    (b0g0, b0g1, ..., b1g0, ...), the order of a KV cache repeated with ``repeat_interleave``."""
+    b = prompt_len.numel()
+    lens, pl = mask.sum(1).tolist(), prompt_len.tolist()
+    prompts = [ids[i, : pl[i]].tolist() for i in range(b)]
+    suffixes = [ids[g * b + i, pl[i] : lens[g * b + i]].tolist() for i in range(b) for g in range(groups)]
+    p_ids, p_mask = pad_sequences(prompts, pad_id, side="left")
+    s_ids, s_mask = pad_sequences(suffixes, pad_id, side="right")
+    return p_ids.to(ids.device), p_mask.to(ids.device), s_ids.to(ids.device), s_mask.to(ids.device)

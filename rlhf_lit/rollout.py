@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.generation import GenerationConfig, decode, generate
-from rlhf_lit.models import ScalarModel, gathered, lm_inputs
-from rlhf_lit.ops import entropy_from_logits, logprobs_from_logits
+from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
+from rlhf_lit.ops import logprobs_from_logits
 from rlhf_lit.ppo import KL_ESTIMATORS
 
 
@@ -49,6 +49,9 @@ class PPOConfig:
     """learning rate of the critic's parameter group"""
     max_ratio: Optional[float] = 20.0
     """skip a minibatch whose max policy ratio exceeds this (a diverged update; logged)"""
+    fuse_first_forward: bool = True
+    """with ppo_epochs 1 and one minibatch, take the old log-probs and values from the training forward
+    (detached) instead of a separate scoring pass: same update, one actor+critic forward fewer"""
 
     def __post_init__(self):
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
@@ -88,9 +91,9 @@ class ActorCritic(nn.Module):
         input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
         without a critic). Position P-1 predicts the first response token, hence the shift.
         """
-        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), use_cache=False,
-                          output_hidden_states=self.value_head is not None)
-        logprobs, entropy = response_logprobs(out.logits, input_ids, prompt_len, temperature)
+        out, logits = response_logits(self.policy, input_ids, attention_mask, prompt_len,
+                                      output_hidden_states=self.value_head is not None)
+        logprobs, entropy = logprobs_and_entropy(logits, input_ids[:, prompt_len:], temperature)
         values = None
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]
@@ -100,17 +103,27 @@ class ActorCritic(nn.Module):
         return logprobs, entropy, values
 
 
-def response_logprobs(logits: Tensor, input_ids: Tensor, prompt_len: int, temperature: float = 1.0):
-    """Logits (B, P + R, V) of a whole sequence -> log-probs and entropies of its R response tokens (B, R),
-    at the sampling temperature."""
-    logits = logits[:, prompt_len - 1 : -1] / temperature
-    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), entropy_from_logits(logits)
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, **kw):
+    """The model's output and the logits that predict the R response tokens, (B, R, V): positions
+    P-1 .. P+R-2. Where the model takes ``logits_to_keep`` the LM head runs on those R+1 positions only,
+    not on the prompt (about half of PPO's LM-head work, forward and backward, on short answers)."""
+    r = input_ids.size(1) - prompt_len
+    keep = {"logits_to_keep": r + 1} if accepts_arg(model, "logits_to_keep") else {}
+    out = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False, **keep, **kw)
+    return out, out.logits[:, -(r + 1) : -1]
 
 
-def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
-    """(B, P + R) -> log-probs and entropies of the R response tokens, each (B, R)."""
-    logits = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False).logits
-    return response_logprobs(logits, input_ids, prompt_len, temperature)
+def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0):
+    """Response logits (B, R, V) and tokens (B, R) -> log-probs and entropies (B, R) at the sampling
+    temperature, both from one log-softmax (one pass over the vocabulary instead of two)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0) -> Tensor:
+    """(B, P + R) -> log-probs of the R response tokens (B, R) (no entropy: the reference needs none)."""
+    _, logits = response_logits(model, input_ids, attention_mask, prompt_len)
+    return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
 
 
 @dataclass
@@ -121,11 +134,12 @@ class Rollout:
     attention_mask: Tensor
     prompt_len: int
     mask: Tensor
-    logprobs: Tensor
+    logprobs: Optional[Tensor]
+    """old log-probs; None until the first training forward fills them (``score_policy=False``)"""
     ref_logprobs: Tensor
     values: Optional[Tensor]
     scores: Tensor
-    entropy: Tensor
+    entropy: Optional[Tensor]
     prompts: list[str]
     responses: list[str]
     timing: dict = field(default_factory=dict)
@@ -143,9 +157,14 @@ class Rollout:
 @torch.no_grad()
 def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, prompt_ids: Tensor,
                  prompt_mask: Tensor, prompts: list[str], gen: GenerationConfig, ref_from_adapters: bool = False,
-                 synced_gpus: bool = False) -> Rollout:
+                 synced_gpus: bool = False, score_policy: bool = True) -> Rollout:
     """Sample responses with the actor, then score them with the reward source, the reference, the
-    actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded."""
+    actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded.
+
+    ``score_policy=False`` skips the actor/critic pass (logprobs, entropy, values left None): with one
+    PPO epoch of one minibatch the first training forward computes exactly those, so the caller takes
+    them from it, detached, instead of running the actor and critic twice.
+    """
     t0 = time.perf_counter()
     with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
         responses, mask = generate(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus)
@@ -155,12 +174,14 @@ def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, 
     p = prompt_ids.size(1)
     texts = decode(tokenizer, responses, mask)
     scores = reward(prompts, texts, input_ids, attention_mask).float()
-    logprobs, entropy, values = ac(input_ids, attention_mask, p, gen.temperature)
+    logprobs = entropy = values = None
+    if score_policy:
+        logprobs, entropy, values = ac(input_ids, attention_mask, p, gen.temperature)
     if ref_from_adapters:  # LoRA actor: the reference is the base model with adapters off (no copy)
         with ac.policy.disable_adapter():
-            ref_logprobs, _ = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
+            ref_logprobs = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
     else:
-        ref_logprobs, _ = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
+        ref_logprobs = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
     t2 = time.perf_counter()
     return Rollout(input_ids, attention_mask, p, mask.float(), logprobs, ref_logprobs, values, scores, entropy,
                    prompts, texts, {"generate_s": t1 - t0, "score_s": t2 - t1})

@@ -14,8 +14,8 @@ def poisoned_module(bad_steps):
                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     forward = module.forward
 
-    def maybe_nan(input_ids, attention_mask):
-        logits = forward(input_ids, attention_mask)
+    def maybe_nan(*inputs):
+        logits = forward(*inputs)
         return logits * float("nan") if module.trainer.global_step in bad_steps else logits
 
     module.forward = maybe_nan

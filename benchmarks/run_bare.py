@@ -1,0 +1,119 @@
+"""A bare PyTorch + transformers loop doing the same math as rlhf-lit's stages on the benchmark
+workload: no Lightning, no callbacks, no logging. Ours ÷ this is the framework's overhead.
+
+    python benchmarks/run_bare.py sft --workload runs/bench/workload-tiny --steps 40 --warmup 5
+
+Data encoding and the pure math (losses, GAE, PPO losses, rollout scoring) are the library's: what
+this leaves out is exactly what the Lightning modules add around them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import HPARAMS, UNITS, StepLog, emit, parser, read_jsonl
+from datamodules import collate as C
+from rlhf_lit import losses, ppo
+from rlhf_lit.generation import GenerationConfig
+from rlhf_lit.models import load_scalar_model
+from rlhf_lit.ops import split_shared_prompt
+from rlhf_lit.rollout import ActorCritic, make_rollout
+
+H = HPARAMS
+
+
+def batches(items, collate, steps: int):
+    """``steps`` shuffled batches, cycling over the data."""
+    g = torch.Generator().manual_seed(H["seed"])
+    while True:
+        for batch in DataLoader(items, batch_size=H["batch_size"], sampler=RandomSampler(items, generator=g),
+                                collate_fn=collate):
+            if steps == 0:
+                return
+            steps -= 1
+            yield batch
+
+
+def optimizer(*groups):
+    # fused: what rlhf-lit and Hugging Face's Trainer pick for Adam on CPU (rlhf_lit.optim.with_fused_kernel)
+    return torch.optim.AdamW([p for g in groups for p in g.parameters() if p.requires_grad], lr=H["lr"], fused=True)
+
+
+def run_sft(w: Path, tok, records, steps: int, log: StepLog) -> None:
+    items, _ = C.encode_sft(tok, [{"prompt": r["prompt"], "response": r["chosen"]} for r in records], H["max_seq_len"])
+    model = AutoModelForCausalLM.from_pretrained(w / "policy").train()
+    opt = optimizer(model)
+    log.start()
+    for b in batches(items, lambda x: C.collate_sft(x, tok.pad_token_id), steps):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        loss, _ = losses.sft_loss(logits, b["input_ids"], b["loss_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.end(units=b["input_ids"].size(0), tokens=int(b["attention_mask"].sum()))
+
+
+def run_reward(w: Path, tok, records, steps: int, log: StepLog) -> None:
+    items, _ = C.encode_pairs(tok, records, H["max_seq_len"])
+    model = load_scalar_model(str(w / "reward")).train()
+    opt = optimizer(model)
+    log.start()
+    for b in batches(items, lambda x: C.collate_pairs(x, tok.pad_token_id), steps):
+        # As RewardModule: each pair's prompt runs once, both responses on its KV cache.
+        n = b["input_ids"].size(0) // 2
+        parts = split_shared_prompt(b["input_ids"], b["attention_mask"], b["prompt_len"], tok.pad_token_id)
+        scores = model.score_shared_prompt(*parts).view(n, 2)
+        loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.end(units=n, tokens=int(b["attention_mask"].sum()))
+
+
+def run_ppo(w: Path, tok, records, steps: int, log: StepLog) -> None:
+    items, _ = C.encode_prompts(tok, records, H["max_prompt_len"])
+    policy = AutoModelForCausalLM.from_pretrained(w / "policy")
+    ac = ActorCritic(policy, load_scalar_model(str(w / "reward"))).train()
+    ref = AutoModelForCausalLM.from_pretrained(w / "policy").eval().requires_grad_(False)
+    reward = load_scalar_model(str(w / "reward")).eval().requires_grad_(False)
+    score = lambda prompts, texts, ids, mask: reward.score(ids, mask)  # noqa: E731
+    opt = optimizer(ac)
+    gen = GenerationConfig(max_new_tokens=H["response_length"], temperature=H["temperature"])
+    log.start()
+    for b in batches(items, lambda x: C.collate_prompts(x, tok.pad_token_id), steps):
+        # One PPO epoch, one minibatch: the old log-probs and values are the training forward's, detached.
+        ro = make_rollout(ac, ref, score, tok, b["prompt_ids"], b["prompt_mask"], b["prompt"], gen,
+                          score_policy=False)
+        logprobs, _, values = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, gen.temperature)
+        old_lp, old_v = logprobs.detach(), values.detach()
+        rewards, _ = ppo.shaped_rewards(ro.scores, old_lp, ro.ref_logprobs, ro.mask, H["kl_coef"])
+        adv, ret = ppo.gae(rewards, old_v, ro.mask)
+        adv = ppo.whiten(adv, ro.mask)
+        loss, _ = ppo.policy_loss(logprobs, old_lp, adv, ro.mask)
+        vf, _ = ppo.value_loss(values, old_v, ret, ro.mask)
+        opt.zero_grad()
+        (loss + vf).backward()
+        opt.step()
+        log.end(units=ro.mask.size(0))
+
+
+def main() -> None:
+    p = parser(__doc__)
+    a = p.parse_args()
+    torch.manual_seed(H["seed"])
+    w = Path(a.workload)
+    tok = AutoTokenizer.from_pretrained(w / "tokenizer")
+    log = StepLog()
+    {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](w, tok, read_jsonl(w / "records.jsonl"),
+                                                                   a.steps + a.warmup, log)
+    emit("bare", a.task, log, a.warmup, unit=UNITS[a.task])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,92 @@
+"""rlhf-lit on the benchmark workload: the stage modules and datamodules users run, under a Lightning
+Trainer (CPU, fp32, no logger or checkpoints, so the figures are the training loop's).
+
+    python benchmarks/run_ours.py ppo --workload runs/bench/workload-tiny --steps 20 --warmup 3
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from common import HPARAMS, UNITS, StepLog, emit, parser
+from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
+from datamodules.blend import Blend, SourceSpec
+from modules import PPOModule, RewardModule, SFTModule
+from rlhf_lit.estimators import GAE
+from rlhf_lit.generation import GenerationConfig
+from rlhf_lit.kl_control import FixedKL
+from rlhf_lit.models import HFModel
+from rlhf_lit.optim import LRSchedule
+from rlhf_lit.rewards import ModelReward
+from rlhf_lit.rollout import PPOConfig
+from rlhf_lit.tokenizer import HFTokenizer
+
+H = HPARAMS
+SPLITS = {"sft": [1, 0, 0], "reward": [0, 1, 0], "ppo": [0, 0, 1]}
+
+
+class Timer(L.Callback):
+    def __init__(self, log: StepLog, task: str) -> None:
+        self.steplog, self.task = log, task
+
+    def on_train_start(self, trainer, pl_module):
+        self.steplog.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.task == "ppo":
+            m = trainer.callback_metrics
+            split = {k: float(m[f"time/{k}_s"]) for k in ("generate", "score", "train") if f"time/{k}_s" in m}
+            self.steplog.end(units=int(batch["prompt_ids"].size(0)), split=split)
+        else:
+            n = int(batch["input_ids"].size(0))
+            if "position_ids" in batch:  # packed rows: count the examples in them
+                n = int(((batch["position_ids"] == 0) & (batch["attention_mask"] == 1)).sum())
+            self.steplog.end(units=n // 2 if self.task == "reward" else n, tokens=int(batch["attention_mask"].sum()))
+
+
+def build(task: str, w: Path, options: dict):
+    blend = Blend([SourceSpec("hh_rlhf", path=str(w / "hh.jsonl"))], seed=H["seed"], split=SPLITS[task], eval_fraction=0.0)
+    tok = HFTokenizer(str(w / "tokenizer"))
+    common = dict(blend=blend, tokenizer=tok, batch_size=H["batch_size"], max_seq_len=H["max_seq_len"], seed=H["seed"])
+    opt = functools.partial(torch.optim.AdamW, lr=H["lr"])
+    constant = LRSchedule(decay="constant")
+    if task == "sft":
+        return SFTModule(HFModel(str(w / "policy")), opt, constant), SFTDataModule(**common, **options)
+    if task == "reward":
+        return RewardModule(HFModel(str(w / "reward")), opt, constant), PreferenceDataModule(**common, **{
+            k: v for k, v in options.items() if k == "bucket_by_length"})
+    module = PPOModule(
+        actor=HFModel(str(w / "policy")), critic=HFModel(str(w / "reward")),
+        reward=ModelReward(str(w / "reward"), normalize=False), optimizer=opt, schedule=constant,
+        kl=FixedKL(H["kl_coef"]), advantage=GAE(gamma=1.0, lam=0.95),
+        generation=GenerationConfig(max_new_tokens=H["response_length"], temperature=H["temperature"]),
+        # TRL's PPO keeps no EMA of the actor: off here so both do the same work.
+        algo=PPOConfig(ppo_epochs=H["ppo_epochs"], num_minibatches=H["num_minibatches"], critic_lr=H["lr"], ema_beta=None),
+        samples_every=0)
+    return module, PromptDataModule(**common, max_prompt_len=H["max_prompt_len"])
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--bucket", action="store_true", help="SFT/reward: length-bucketed batches")
+    p.add_argument("--pack", action="store_true", help="SFT: pack several examples per row")
+    a = p.parse_args()
+    L.seed_everything(H["seed"], verbose=False)
+    options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}
+    module, data = build(a.task, Path(a.workload), options)
+    log = StepLog()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=a.steps + a.warmup, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer(log, a.task)])
+    trainer.fit(module, datamodule=data)
+    emit("ours", a.task, log, a.warmup, unit=UNITS[a.task],
+         options=sorted(options))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

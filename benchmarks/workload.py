@@ -1,0 +1,134 @@
+"""The benchmark's fixed, seeded workload: HH-style preference data, a locally trained BPE and the
+initial models every framework starts from (same weights, same tokens).
+
+    python benchmarks/workload.py --size tiny --out runs/bench/workload-tiny
+
+Writes ``hh.jsonl`` (HH-RLHF's original schema: whole ``chosen``/``rejected`` dialogues), ``records.jsonl``
+(the same rows as prompt/chosen/rejected, split by rlhf-lit's HH normaliser, for the peers), ``tokenizer/``,
+``policy/`` (OPTForCausalLM), ``reward/`` (rlhf-lit scalar-model export: backbone + value head) and
+``reward_hf/`` (the same weights as OPTForSequenceClassification, for TRL), and ``meta.json`` (sizes,
+parameter counts, rows kept/dropped by the token limits).
+Runs in the project's environment (the peers only read the files).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer, OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+
+from datamodules.sources import split_hh
+from rlhf_lit.models import ScalarModel
+from rlhf_lit.tokenizer import save_atomically, train_bpe
+
+# The issue's fixed shapes: tiny (overhead-bound) and a ~30M-parameter size where matmuls dominate.
+SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512),
+    "30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
+}
+VOCAB, MAX_PROMPT, MAX_ANSWER, ROWS = 4096, 64, 64, 2000
+SYLLABLES = ("ka lo mi ne ru sa ti vo pe da gu fi ze ho ja ly qu be ro na wi te cu mo xi "
+             "sha tri ble gra por ven dul kes mar fen").split()
+
+
+def lexicon(rng: random.Random, n: int = 6000) -> list[str]:
+    words = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3)))))
+    return sorted(words)
+
+
+def _zipf(n: int) -> list[float]:
+    total, out = 0.0, []
+    for rank in range(n):
+        total += 1.0 / (rank + 20)
+        out.append(total)
+    return out
+
+
+def sentence(rng: random.Random, words: list[str], n_words: int) -> str:
+    # Zipf-like word frequencies, as in natural text, so the BPE learns frequent words whole.
+    picks = rng.choices(words, cum_weights=_zipf(len(words)), k=n_words)
+    return " ".join(picks).capitalize() + rng.choice(".?!")
+
+
+def dialogue_rows(seed: int, n: int) -> list[dict]:
+    """HH-RLHF rows: a 1-3 turn dialogue, then two different final assistant replies."""
+    rng = random.Random(seed)
+    words = lexicon(rng)
+    rng.shuffle(words)
+    rows = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            turns.append(f"\n\nHuman: {sentence(rng, words, rng.randint(3, 9))}")
+            turns.append(f"\n\nAssistant: {sentence(rng, words, rng.randint(3, 9))}")
+        context = "".join(turns[:-1]) + "\n\nAssistant:"
+        reply = lambda: " " + " ".join(sentence(rng, words, rng.randint(3, 8)) for _ in range(rng.randint(1, 3)))  # noqa: E731
+        a, b = reply(), reply()
+        while b == a:
+            b = reply()
+        rows.append({"chosen": context + a, "rejected": context + b})
+    return rows
+
+
+def build(size: str, out: Path, seed: int = 0) -> dict:
+    if (out / "meta.json").exists():
+        return json.loads((out / "meta.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    rows = dialogue_rows(seed, ROWS)
+    records = [split_hh(r["chosen"], r["rejected"]) for r in rows]
+    tok = train_bpe((t for r in records for t in (r["prompt"], r["chosen"], r["rejected"])), VOCAB)
+    save_atomically(tok, str(out / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    # The issue's limits: prompts <= 64 tokens, answers (with eos) <= 64. Rows beyond them are dropped and counted.
+    n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    keep = [i for i, r in enumerate(records)
+            if n_tok(r["prompt"]) <= MAX_PROMPT and max(n_tok(r["chosen"]), n_tok(r["rejected"])) < MAX_ANSWER]
+    with open(out / "hh.jsonl", "w") as f:
+        f.writelines(json.dumps(rows[i]) + "\n" for i in keep)
+    with open(out / "records.jsonl", "w") as f:
+        f.writelines(json.dumps({k: records[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n" for i in keep)
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=len(tok), max_position_embeddings=MAX_PROMPT + MAX_ANSWER + 2,
+                    word_embed_proj_dim=SIZES[size]["hidden_size"], dropout=0.0, attention_dropout=0.0,
+                    activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SIZES[size])
+    policy = OPTForCausalLM(cfg)
+    policy.save_pretrained(out / "policy")
+    tok.save_pretrained(out / "policy")
+    # The reward model / critic: the policy's backbone plus a value head, in both formats.
+    rm = ScalarModel(AutoModel.from_pretrained(out / "policy"))
+    torch.nn.init.normal_(rm.value_head.weight, std=1.0 / (cfg.hidden_size + 1) ** 0.5)
+    rm.save_pretrained(out / "reward")
+    tok.save_pretrained(out / "reward")
+    seq = OPTForSequenceClassification.from_pretrained(out / "policy", num_labels=1)
+    seq.score.weight.data.copy_(rm.value_head.weight.data)
+    seq.config.pad_token_id = tok.pad_token_id
+    seq.save_pretrained(out / "reward_hf")
+    tok.save_pretrained(out / "reward_hf")
+
+    embed = policy.get_input_embeddings().weight.numel() + policy.model.decoder.embed_positions.weight.numel()
+    total = sum(p.numel() for p in policy.parameters())
+    prompt_tokens = [n_tok(records[i]["prompt"]) for i in keep]
+    meta = {"size": size, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens), **SIZES[size], "vocab": len(tok), "params": total, "non_embedding_params": total - embed,
+            "rows": len(rows), "kept": len(keep), "dropped_over_token_limits": len(rows) - len(keep),
+            "max_prompt_tokens": MAX_PROMPT, "max_answer_tokens": MAX_ANSWER, "seed": seed}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    print(json.dumps(build(a.size, Path(a.out or f"runs/bench/workload-{a.size}"))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The speed work changes how things are computed, never what: each fast path equals the plain one."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from helpers import changed, datamodule, snapshot, trainer
+
+from datamodules import PromptDataModule, SFTDataModule
+from datamodules import collate as C
+from datamodules.sampler import ResumableSampler
+from modules import PPOModule, SFTModule
+from rlhf_lit import losses
+from rlhf_lit.generation import GenerationConfig, generate, pick_tokens
+from rlhf_lit.models import TinyModel
+from rlhf_lit.rewards import CallableReward
+from rlhf_lit.rollout import PPOConfig, logprobs_and_entropy, response_logits
+
+FAMILIES = ["opt", "gpt2", "bloom", "gpt_neox", "gptj", "gpt_neo", "codegen", "llama"]
+
+
+def model(family, tok, seed=0):
+    return TinyModel(family, 32, 2, 4, 64, 128, seed=seed).build_causal_lm(tok).eval()
+
+
+def left_padded(tok, n=4, length=9):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, len(tok) - 1, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_loop_greedy_equals_hf_generate(tok, family):
+    m = model(family, tok)
+    ids, mask = left_padded(tok)
+    hf = generate(m, tok, ids, mask, GenerationConfig(max_new_tokens=12, do_sample=False, engine="hf"))
+    ours = generate(m, tok, ids, mask, GenerationConfig(max_new_tokens=12, do_sample=False))
+    assert torch.equal(hf[0], ours[0]) and torch.equal(hf[1], ours[1])
+
+
+def test_kv_loop_stops_each_row_at_its_stop_token(tok):
+    m = model("opt", tok)
+    ids, mask = left_padded(tok)
+    first, _ = generate(m, tok, ids, mask, GenerationConfig(max_new_tokens=6, do_sample=False))
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False, stop_token=tok.convert_ids_to_tokens(int(first[1, 1])))
+    out, out_mask = generate(m, tok, ids, mask, cfg)
+    hf, hf_mask = generate(m, tok, ids, mask, GenerationConfig(**{**vars(cfg), "engine": "hf"}))
+    assert torch.equal(out, hf) and torch.equal(out_mask, hf_mask)
+    assert out_mask[1].sum() <= 2 and (out[1, out_mask[1] == 0] == tok.pad_token_id).all()
+
+
+def test_pick_tokens_samples_the_filtered_softmax():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20000, 5)
+    freq = torch.bincount(pick_tokens(logits, GenerationConfig()), minlength=5).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.015) and freq[4] == 0  # zero probability is never drawn
+    top_p = torch.bincount(pick_tokens(logits, GenerationConfig(top_p=0.7)), minlength=5).float() / 20000
+    assert top_p[2:].sum() == 0 and abs(top_p[0] - 0.5 / 0.8) < 0.015  # smallest set reaching 0.7: {0, 1}
+    top_k = pick_tokens(logits[:100], GenerationConfig(top_k=1))
+    assert (top_k == 0).all()
+    hot = pick_tokens(logits[:4000] * 0.5, GenerationConfig(temperature=0.5))  # temperature undoes the 0.5
+    assert abs((hot == 0).float().mean() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
+def test_response_logits_equal_the_slice_of_full_logits(tok, family):
+    m = model(family, tok)
+    ids, mask = left_padded(tok, length=12)
+    _, logits = response_logits(m, ids, mask, prompt_len=7)
+    full = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert logits.shape == (4, 5, len(tok)) and torch.allclose(logits, full[:, 6:-1], atol=1e-5)
+
+
+def test_logprobs_and_entropy_from_one_log_softmax():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    lp, ent = logprobs_and_entropy(logits, tokens, temperature=0.7)
+    p = torch.softmax(logits / 0.7, -1)
+    for b in range(2):
+        for t in range(3):
+            assert torch.isclose(lp[b, t], p[b, t, tokens[b, t]].log(), atol=1e-6)
+            assert torch.isclose(ent[b, t], -(p[b, t] * p[b, t].log()).sum(), atol=1e-6)
+
+
+def test_sft_loss_matches_a_naive_loop():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 6, 11), torch.randint(0, 11, (3, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]])
+    loss, stats = losses.sft_loss(logits, ids, mask)
+    terms = [-torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]] for b in range(3) for t in range(1, 6) if mask[b, t]]
+    assert torch.allclose(loss, torch.stack(terms).mean()) and stats["tokens"] == len(terms)
+
+
+def test_fused_first_forward_gives_the_same_update(tokenizer_dir, tmp_path):
+    """ppo_epochs 1, one minibatch: old log-probs/values from the training forward == a separate pass."""
+    params = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
+        module = PPOModule(actor=TinyModel("opt", 32, 2, 4, 64, 128), critic=TinyModel("opt", 32, 2, 4, 64, 128, seed=1),
+                           reward=CallableReward("rule_rewards:apple_share"),
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), generation=GenerationConfig(max_new_tokens=8),
+                           algo=PPOConfig(fuse_first_forward=fuse, critic_lr=1e-3))
+        dm.setup("fit")
+        module.tokenizer = dm.tokenizer
+        module.configure_model()
+        before = snapshot(module.ac)
+        t = trainer(tmp_path / str(fuse), max_steps=2)
+        t.fit(module, datamodule=dm)
+        assert changed(before, module.ac) and "ppo/policy_loss" in t.callback_metrics
+        params.append(torch.cat([p.detach().flatten() for p in module.ac.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "gpt_neox", "llama"])
+def test_packed_rows_give_the_unpacked_loss(tok, family):
+    records = [{"prompt": f"Question {i} about things?", "response": f" Answer {i} " + "word " * (i % 5)} for i in range(9)]
+    items, _ = C.encode_sft(tok, records, 64)
+    packed = C.pack_sft(items, 64, seed=1)
+    assert sum(len(x["input_ids"]) for x in packed) == sum(len(x["input_ids"]) for x in items)
+    assert all(len(x["input_ids"]) <= 64 for x in packed) and len(packed) < len(items)
+    m = model(family, tok)
+    plain = C.collate_sft(items, tok.pad_token_id)
+    full = SFTModule.forward(type("M", (), {"model": m})(), plain["input_ids"], plain["attention_mask"])
+    want, want_stats = losses.sft_loss(full, plain["input_ids"], plain["loss_mask"])
+    batch = C.collate_packed(packed, tok.pad_token_id)
+    logits = SFTModule.forward(type("M", (), {"model": m})(), batch["input_ids"], batch["attention_mask"],
+                               batch["position_ids"], batch["attention_mask_4d"])
+    got, got_stats = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    assert got_stats["tokens"] == want_stats["tokens"] and torch.allclose(got, want, atol=1e-5)
+
+
+def test_packing_without_prompt_mask_never_predicts_across_examples(tok):
+    items, _ = C.encode_sft(tok, [{"prompt": "a b", "response": " c d"}, {"prompt": "e", "response": " f g"}], 32,
+                            mask_prompt=False)
+    (row,) = C.pack_sft(items, 32)
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+    assert starts == [0, len(items[0]["input_ids"]) if row["segments"][0] == 1 else len(items[1]["input_ids"])]
+    assert all(row["loss_mask"][s] == 0 for s in starts)
+
+
+def test_packing_refuses_families_without_4d_masks(tokenizer_dir, tmp_path):
+    dm = datamodule(SFTDataModule, tokenizer_dir, pack=True)
+    module = SFTModule(TinyModel("bloom", 32, 2, 4, 64, 128))
+    with pytest.raises(ValueError, match="pack needs a model family"):
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=dm)
+
+
+def test_packed_and_bucketed_sft_train(tokenizer_dir, tmp_path):
+    for kw in ({"pack": True}, {"bucket_by_length": True}):
+        dm = datamodule(SFTDataModule, tokenizer_dir, **kw)
+        module = SFTModule(TinyModel("opt", 32, 2, 4, 64, 128), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        t = trainer(tmp_path / next(iter(kw)), max_steps=3)
+        t.fit(module, datamodule=dm)
+        assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+def test_bucketed_sampler_keeps_every_sample_and_cuts_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (1000,), generator=g).tolist()
+    plain, bucketed = ResumableSampler(1000, seed=3), ResumableSampler(1000, seed=3, lengths=lengths, batch_size=8)
+    order = list(bucketed)
+    assert sorted(order) == list(range(1000)) and order == list(ResumableSampler(1000, 3, True, lengths, 8))
+    bucketed.set_epoch(1)
+    assert list(bucketed) != order  # a new order every epoch
+
+    def padded(o):
+        return sum(8 * max(lengths[i] for i in o[k : k + 8]) for k in range(0, 1000, 8))
+    assert padded(order) < 0.7 * padded(list(plain))
+
+
+def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
+    """One command, tiny steps: the table and the JSON with its ratios (TRL columns only where its
+    environments exist; the bare loop always)."""
+    out = subprocess.run([sys.executable, "benchmarks/bench.py", "--sizes", "tiny", "--tasks", "reward,ppo",
+                          "--repeats", "1", "--quick", "--json", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"reward_vs_bare", "reward_bucketed_vs_bare", "ppo_vs_bare"} <= set(report["ratios"])
+    assert all(v > 0 for v in report["ratios"].values())
+    ours = report["results"]["tiny"]["ppo"]["ours"]
+    assert abs(sum(ours["split"].values()) - 1) < 1e-6 and 0 < ours["mfu"] < 1 and ours["peak_rss_mib"] > 100
+    assert (Path(tmp_path) / "report.json").exists()
