@@ -136,7 +136,7 @@ def pick_tokens(logits: Tensor, cfg: GenerationConfig) -> Tensor:
     probs = torch.softmax(logits, -1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) > cfg.top_p  # mass before this token already reaches top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p  # mass before this token already reaches top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     # Inverse-CDF sampling: one uniform per row (torch.multinomial draws far more on CPU: ~0.8 ms a call
     # for 8 x 4096 here). u > 0, so tokens of probability 0 are never picked.

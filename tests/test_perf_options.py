@@ -62,6 +62,8 @@ def test_pick_tokens_samples_the_filtered_softmax():
     assert torch.allclose(freq, probs, atol=0.015) and freq[4] == 0  # zero probability is never drawn
     top_p = torch.bincount(pick_tokens(logits, GenerationConfig(top_p=0.7)), minlength=5).float() / 20000
     assert top_p[2:].sum() == 0 and abs(top_p[0] - 0.5 / 0.8) < 0.015  # smallest set reaching 0.7: {0, 1}
+    exact = pick_tokens(logits[:4000], GenerationConfig(top_p=0.5))  # 0.5 is reached by token 0 alone
+    assert (exact == 0).all()
     top_k = pick_tokens(logits[:100], GenerationConfig(top_k=1))
     assert (top_k == 0).all()
     hot = pick_tokens(logits[:4000] * 0.5, GenerationConfig(temperature=0.5))  # temperature undoes the 0.5
