@@ -143,6 +143,8 @@ def main() -> None:
     raw: dict = {}
     ratios_per_repeat: dict[str, list[float]] = {}
     t_start = time.perf_counter()
+    (ROOT / a.out).mkdir(parents=True, exist_ok=True)
+    raw_log = open(ROOT / a.out / "raw.jsonl", "w")  # every run's summary as it comes, kept if a later step fails
     for size in sizes:
         workload = ROOT / a.out / f"workload-{size}"
         meta = build(size, workload)
@@ -154,6 +156,8 @@ def main() -> None:
                 got = {}
                 for name, cmd in order:
                     got[name] = summarize(run(cmd, workload, steps, warmup))
+                    raw_log.write(json.dumps({"size": size, "task": task, "contender": name, "repeat": r, **got[name]}) + "\n")
+                    raw_log.flush()
                     raw.setdefault((size, task, name), []).append(got[name])
                     print(f"[{time.perf_counter() - t_start:6.0f}s] {size} {task} {name} repeat {r + 1}: "
                           f"{figure(task, got[name]):,.1f} {UNITS[task]}", file=sys.stderr, flush=True)

@@ -38,8 +38,7 @@ class Timer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.task == "ppo":
-            m = trainer.callback_metrics
-            split = {k: float(m[f"time/{k}_s"]) for k in ("generate", "score", "train") if f"time/{k}_s" in m}
+            split = {k.removesuffix("_s"): v for k, v in pl_module.timing.items()}
             self.steplog.end(units=int(batch["prompt_ids"].size(0)), split=split)
         else:
             n = int(batch["input_ids"].size(0))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,9 +76,15 @@ def dialogue_rows(seed: int, n: int) -> list[dict]:
     return rows
 
 
+VERSION = 2  # bump when what build() writes changes: an older workload folder is rebuilt
+
+
 def build(size: str, out: Path, seed: int = 0) -> dict:
     if (out / "meta.json").exists():
-        return json.loads((out / "meta.json").read_text())
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("version") == VERSION and meta.get("seed") == seed:
+            return meta
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = dialogue_rows(seed, ROWS)
     records = [split_hh(r["chosen"], r["rejected"]) for r in rows]
@@ -115,7 +122,7 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     embed = policy.get_input_embeddings().weight.numel() + policy.model.decoder.embed_positions.weight.numel()
     total = sum(p.numel() for p in policy.parameters())
     prompt_tokens = [n_tok(records[i]["prompt"]) for i in keep]
-    meta = {"size": size, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens), **SIZES[size], "vocab": len(tok), "params": total, "non_embedding_params": total - embed,
+    meta = {"version": VERSION, "size": size, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens), **SIZES[size], "vocab": len(tok), "params": total, "non_embedding_params": total - embed,
             "rows": len(rows), "kept": len(keep), "dropped_over_token_limits": len(rows) - len(keep),
             "max_prompt_tokens": MAX_PROMPT, "max_answer_tokens": MAX_ANSWER, "seed": seed}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

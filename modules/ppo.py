@@ -78,6 +78,7 @@ class PPOModule(StageModule):
         self.samples_every = samples_every
         self.ac = self.ref = self.ema = None
         self.samples: list[dict] = []
+        self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
 
     def configure_model(self) -> None:
         if self.ac is not None:
@@ -203,8 +204,9 @@ class PPOModule(StageModule):
         kl = self.trainer.strategy.reduce(kl_stats["kl"], reduce_op="mean") if self.trainer.world_size > 1 else kl_stats["kl"]
         self.kl.update(float(kl), n * self.trainer.world_size)
 
-        timing = {**ro.timing, "train_s": time.perf_counter() - t0}
-        self.log_step(ro, kl_stats, per_step, skipped, timing)
+        self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}
+        if self.logging_step():
+            self.log_step(ro, kl_stats, per_step, skipped, self.timing)
         if self.samples_every and batch_idx % self.samples_every == 0:
             self.samples = [{"prompt": p, "response": r, "score": float(s)}
                             for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
