@@ -190,3 +190,26 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     ours = report["results"]["tiny"]["ppo"]["ours"]
     assert abs(sum(ours["split"].values()) - 1) < 1e-6 and 0 < ours["mfu"] < 1 and ours["peak_rss_mib"] > 100
     assert (Path(tmp_path) / "report.json").exists()
+
+
+def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
+    from rlhf_lit.optim import param_groups, with_fused_kernel
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    plain = torch.optim.AdamW(param_groups(nets[0], 0.1), lr=1e-2)
+    fused = with_fused_kernel(torch.optim.AdamW(param_groups(nets[1], 0.1), lr=1e-2))
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    x = torch.randn(5, 4)
+    for net, opt in zip(nets, (plain, fused)):
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    explicit = torch.optim.AdamW(nets[0].parameters(), lr=1e-2, foreach=False)
+    assert with_fused_kernel(explicit) is explicit  # a stated choice is kept
+    sgd = torch.optim.SGD(nets[0].parameters(), lr=0.1)
+    assert with_fused_kernel(sgd) is sgd
