@@ -41,7 +41,8 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under
-# .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. About 20 minutes with the defaults.
+# .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. About 35 minutes with the defaults
+# (both sizes, 3 repeats); BENCH_ARGS="--sizes tiny" about 9.
 BENCH_ARGS ?=
 bench-setup: install
 	bash benchmarks/setup_peers.sh

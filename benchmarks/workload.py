@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 from datamodules.sources import split_hh
 from rlhf_lit.models import ScalarModel
@@ -86,6 +87,8 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
             return meta
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    hf_logging.set_verbosity_error()  # the value head is new by design: no load reports, no progress bars
+    hf_logging.disable_progress_bar()
     rows = dialogue_rows(seed, ROWS)
     records = [split_hh(r["chosen"], r["rejected"]) for r in rows]
     tok = train_bpe((t for r in records for t in (r["prompt"], r["chosen"], r["rejected"])), VOCAB)
