@@ -142,7 +142,7 @@ class SFTDataModule(StageDataModule):
         pack: put several examples in each row of up to max_seq_len tokens, each attending only to itself
             (block-diagonal mask, positions restarting per example): almost no padding. batch_size then
             counts rows. Needs a family that takes 4D attention masks and position_ids (opt, gpt2,
-            gpt_neox, llama and its relatives).
+            gpt_neox, llama: tested; others get a clear error).
         """
         super().__init__(*args, **kwargs)
         self.mask_prompt, self.pack = mask_prompt, pack

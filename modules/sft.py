@@ -17,7 +17,7 @@ from rlhf_lit.stage import StageModule
 
 # Families whose attention honours a 4D block-diagonal mask with restarting position_ids (checked in
 # tests/test_perf_options.py); BLOOM (ALiBi from the 2D mask), GPT-J, GPT-Neo and CodeGen do not.
-PACKABLE = ("opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+PACKABLE = ("opt", "gpt2", "gpt_neox", "llama")
 
 
 class SFTModule(StageModule):
