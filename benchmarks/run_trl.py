@@ -38,9 +38,10 @@ class Timer(TrainerCallback):
 def counting(collator, work: list[dict], pairs: bool):
     def collate(features):
         batch = collator(features)
-        mask = batch["attention_mask"] if "attention_mask" in batch else (batch["input_ids"] != -1)
+        if "attention_mask" not in batch:  # real tokens cannot be told from padding: refuse to guess
+            raise SystemExit(f"TRL's collator gave no attention_mask (keys {sorted(batch)}): cannot count real tokens")
         n = int(batch["input_ids"].size(0))
-        work.append({"tokens": int(mask.sum()), "units": n // 2 if pairs else n})
+        work.append({"tokens": int(batch["attention_mask"].sum()), "units": n // 2 if pairs else n})
         return batch
     return collate
 

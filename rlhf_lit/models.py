@@ -8,6 +8,7 @@ partition weights at construction. ``HFModel`` loads from the hub or a directory
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 from dataclasses import dataclass
@@ -231,7 +232,13 @@ def gathered(params, modifier_rank: Optional[int] = None):
 def accepts_arg(model: nn.Module, name: str) -> bool:
     """Whether the model's forward (a peft model's base model's) takes keyword ``name``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
+    return name in _forward_params(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset:
+    # Once per model class: this runs in every forward (lm_inputs) and in the generation loop.
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
