@@ -1,6 +1,8 @@
 """Token encoding and padding for the three stages. Pure torch + a tokenizer: no lightning.
 
 Encoders return token-id lists (never max-length padded tensors); collate functions pad per batch.
+Conversations are rendered by :class:`rlhf_lit.chat_format.ChatFormat`: the tokenizer's chat template
+when it has one (BOS by the template, replies closed by its end-of-turn token), the HH text otherwise.
 """
 from __future__ import annotations
 
@@ -9,26 +11,36 @@ from collections import Counter
 import torch
 from torch import Tensor
 
+from rlhf_lit.chat_format import ChatFormat, to_messages
 from rlhf_lit.ops import pad_sequences as pad
 
 
-def _ids(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+def prompt_of(record: dict):
+    """What a record's prompt is rendered from: its messages when the source kept them, else its text."""
+    return record.get("messages") or record["prompt"]
 
 
-def encode_sft(tok, records: list[dict], max_len: int, mask_prompt: bool = True) -> tuple[list[dict], Counter]:
-    """prompt + response + eos, right-truncated to ``max_len``; ``loss_mask`` is 0 on prompt tokens
-    when ``mask_prompt`` (InstructGPT) and 1 everywhere when not (DeepSpeed-Chat trains on the whole text).
-    Records with no response token left after truncation are dropped and counted."""
+def encode_sft(tok, records: list[dict], max_len: int, mask_prompt: bool = True,
+               all_assistant_turns: bool = False) -> tuple[list[dict], Counter]:
+    """prompt + response + end-of-turn (eos in HH mode), right-truncated to ``max_len``; ``loss_mask`` is 0
+    on prompt tokens when ``mask_prompt`` (InstructGPT) and 1 everywhere when not (DeepSpeed-Chat trains
+    on the whole text). ``all_assistant_turns``: the loss covers every assistant turn of a multi-turn
+    conversation, not only the final reply. Records with no response token left after truncation are
+    dropped and counted."""
     out, dropped = [], Counter()
-    prompts, responses = _ids(tok, [r["prompt"] for r in records]), _ids(tok, [r["response"] for r in records])
-    for p, r in zip(prompts, responses):
-        ids = (p + r + [tok.eos_token_id])[:max_len]
-        n_resp = len(ids) - len(p)
-        if n_resp <= 0:
+    fmt = ChatFormat(tok)
+    if all_assistant_turns:
+        convs = [fmt.conversation_ids(to_messages(prompt_of(r)) + [{"role": "assistant", "content": r["response"]}])
+                 for r in records]
+        seqs = [(ids, m if mask_prompt else [1] * len(ids)) for ids, m in convs]
+    else:
+        prompts, responses = fmt.prompt_ids([prompt_of(r) for r in records]), fmt.response_ids([r["response"] for r in records])
+        seqs = [(p + r, ([0] * len(p) if mask_prompt else [1] * len(p)) + [1] * len(r)) for p, r in zip(prompts, responses)]
+    for ids, loss_mask in seqs:
+        ids, loss_mask = ids[:max_len], loss_mask[:max_len]
+        if not any(loss_mask):
             dropped["prompt_fills_max_seq_len"] += 1
             continue
-        loss_mask = ([0] * len(p) if mask_prompt else [1] * len(p)) + [1] * n_resp
         out.append({"input_ids": ids, "loss_mask": loss_mask})
     return out, dropped
 
@@ -79,14 +91,14 @@ def collate_packed(items: list[dict], pad_id: int) -> dict[str, Tensor]:
 
 
 def encode_pairs(tok, records: list[dict], max_len: int) -> tuple[list[dict], Counter]:
-    """prompt + chosen/rejected + eos. Over-long pairs lose prompt tokens from the left so the responses
-    survive; a pair whose longer response alone fills ``max_len`` is dropped and counted."""
+    """prompt + chosen/rejected + end-of-turn. Over-long pairs lose prompt tokens from the left so the
+    responses survive; a pair whose longer response alone fills ``max_len`` is dropped and counted."""
     out, dropped = [], Counter()
-    prompts = _ids(tok, [r["prompt"] for r in records])
-    chosen = _ids(tok, [r["chosen"] for r in records])
-    rejected = _ids(tok, [r["rejected"] for r in records])
+    fmt = ChatFormat(tok)
+    prompts = fmt.prompt_ids([prompt_of(r) for r in records])
+    chosen = fmt.response_ids([r["chosen"] for r in records])
+    rejected = fmt.response_ids([r["rejected"] for r in records])
     for rec, p, c, r in zip(records, prompts, chosen, rejected):
-        c, r = c + [tok.eos_token_id], r + [tok.eos_token_id]
         keep = max_len - max(len(c), len(r))
         if keep < 1:
             dropped["response_fills_max_seq_len"] += 1
@@ -112,7 +124,7 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict[str, Tensor]:
 def encode_prompts(tok, records: list[dict], max_len: int) -> tuple[list[dict], Counter]:
     """Prompt ids, truncated from the left (the end holds the turn the model must answer)."""
     out, dropped = [], Counter()
-    for rec, p in zip(records, _ids(tok, [r["prompt"] for r in records])):
+    for rec, p in zip(records, ChatFormat(tok).prompt_ids([prompt_of(r) for r in records])):
         if not p:
             dropped["empty_prompt"] += 1
             continue

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from datamodules.readers import BadRow, DataError, read_hub, read_rows
+from rlhf_lit.chat_format import hh_text
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
@@ -103,12 +104,6 @@ def split_hh(chosen: str, rejected: str) -> dict:
     if re.search(r"\n\s*Human:", c) or re.search(r"\n\s*Human:", r):
         raise Drop("history_differs")
     return pair(prompt, c, r)
-
-
-def hh_turns(dialogue: str) -> list[tuple[str, str]]:
-    """Split an HH dialogue into (role, text) turns on "\\n\\nHuman: " / "\\n\\nAssistant: "."""
-    parts = re.split(r"\n\n(Human|Assistant): ?", dialogue)
-    return [(parts[i].lower(), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
 
 
 @register("hh_rlhf")
@@ -207,22 +202,75 @@ def prompts(template: str = HH_TEMPLATE, field: str = "prompt") -> Normalizer:
     return norm
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def conversation(row: dict, name: str) -> list[dict]:
+    """The field ``name`` as a list of ``{role, content}`` messages, or a BadRow naming the field and turn."""
+    value = row.get(name)
+    if name not in row:
+        raise BadRow(f"missing_field:{name}", f"field {name!r} is missing")
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"wrong_type:{name}", f"field {name!r} should be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise BadRow(f"wrong_value:{name}", f"field {name!r} message {i} should be {{role: {'/'.join(ROLES)}, "
+                                                 f"content: string}}, got {str(m)[:80]}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def reply(row: dict, name: str) -> str:
+    """A response field given as text or, in the conversational layout, as messages ending with the reply."""
+    if isinstance(row.get(name), list):
+        messages = conversation(row, name)
+        if messages[-1]["role"] != "assistant":
+            raise BadRow(f"wrong_value:{name}", f"field {name!r} should end with an assistant message")
+        return messages[-1]["content"]
+    return text(row, name)
+
+
+def split_conversation(messages: list[dict]) -> tuple[list[dict], Optional[str]]:
+    """(the messages before the final assistant reply, that reply) — (messages, None) without one."""
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
 @register("json")
 def generic(fields: Optional[dict[str, str]] = None, template: str = "{prompt}") -> Normalizer:
-    """Any local table: ``fields`` maps record keys (prompt, response, chosen, rejected, margin) to columns."""
+    """Any local table: ``fields`` maps record keys (prompt, response, chosen, rejected, margin, messages)
+    to columns. Conversational rows are read too: ``messages`` (a list of ``{role, content}``; a final
+    assistant message is the SFT response), and ``prompt`` / ``chosen`` / ``rejected`` given as message
+    lists (TRL's conversational layout). Such records keep ``messages`` (rendered through the tokenizer's
+    chat template) and an HH-text ``prompt`` (what reward functions read)."""
     fields = fields or {"prompt": "prompt", "response": "response"}
-    unknown = set(fields) - {"prompt", "response", "chosen", "rejected", "margin"}
-    if unknown or "prompt" not in fields:
-        raise DataError(f"json source: 'fields' must map 'prompt' and any of response/chosen/rejected/margin; got {sorted(fields)}")
+    unknown = set(fields) - {"prompt", "response", "chosen", "rejected", "margin", "messages"}
+    if unknown or not {"prompt", "messages"} & set(fields):
+        raise DataError("json source: 'fields' must map 'prompt' or 'messages' and any of response/chosen/rejected/margin; "
+                        f"got {sorted(fields)}")
 
     def norm(row):
-        rec = {k: (number(row, col) if k == "margin" else text(row, col)) for k, col in fields.items()}
-        rec["prompt"] = template.format(prompt=rec["prompt"])
+        rec: dict = {}
+        if "messages" in fields:
+            messages, response = split_conversation(conversation(row, fields["messages"]))
+            rec["messages"] = messages
+            if response is not None:
+                rec["response"] = response
+        elif isinstance(row.get(fields["prompt"]), list):
+            rec["messages"] = conversation(row, fields["prompt"])
+        if "messages" in rec:
+            rec["prompt"] = hh_text(rec["messages"])
+        else:
+            rec["prompt"] = template.format(prompt=text(row, fields["prompt"]))
+        for k in ("response", "chosen", "rejected"):
+            if k in fields:
+                rec[k] = reply(row, fields[k])
+        if "margin" in fields:
+            rec["margin"] = number(row, fields["margin"])
         if "response" in rec and not rec["response"].strip():
             raise Drop("empty_response")
         if "chosen" in rec and "rejected" in rec:
-            out = pair(rec["prompt"], rec["chosen"], rec["rejected"])
-            return {**rec, **out}
+            return {**rec, **pair(rec["prompt"], rec["chosen"], rec["rejected"])}
         return rec
 
     return norm

@@ -136,19 +136,22 @@ class SFTDataModule(StageDataModule):
 
     stage = "sft"
 
-    def __init__(self, *args, mask_prompt: bool = True, pack: bool = False, **kwargs) -> None:
+    def __init__(self, *args, mask_prompt: bool = True, pack: bool = False, all_assistant_turns: bool = False,
+                 **kwargs) -> None:
         """Args:
         mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
+        all_assistant_turns: in multi-turn rows (HH dialogues, ``messages``), train on every assistant
+            turn, not only the final reply (user and system turns stay masked; with mask_prompt).
         pack: put several examples in each row of up to max_seq_len tokens, each attending only to itself
             (block-diagonal mask, positions restarting per example): almost no padding. batch_size then
             counts rows. Needs a family that takes 4D attention masks and position_ids (opt, gpt2,
             gpt_neox, llama: tested; others get a clear error).
         """
         super().__init__(*args, **kwargs)
-        self.mask_prompt, self.pack = mask_prompt, pack
+        self.mask_prompt, self.pack, self.all_assistant_turns = mask_prompt, pack, all_assistant_turns
 
     def encode(self, records):
-        items, dropped = C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt)
+        items, dropped = C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt, self.all_assistant_turns)
         return (C.pack_sft(items, self.max_seq_len, self.seed) if self.pack else items), dropped
 
     def collate(self, items):

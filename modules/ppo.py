@@ -3,16 +3,18 @@ an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Optional
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit import losses, ppo
 from rlhf_lit.estimators import GAE, AdvantageEstimator
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL, KLController
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, gathered, lm_inputs, merged
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, gathered, has_dropout, lm_inputs, merged, set_dropout
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, param_groups
 from rlhf_lit.rewards import RewardSource
@@ -42,6 +44,7 @@ class PPOModule(StageModule):
         monitor: Optional[RewardSource] = None,
         value_head_on_actor: bool = False,
         samples_every: int = 10,
+        dropout: Optional[float] = 0.0,
     ) -> None:
         """Args:
         actor: spec of the policy (usually the SFT export).
@@ -62,6 +65,10 @@ class PPOModule(StageModule):
         value_head_on_actor: take values from a linear head on the actor's last hidden state instead
             of a separate critic network.
         samples_every: keep prompt/response/score samples for the sample table every n steps.
+        dropout: every dropout probability of the actor and critic during PPO. 0 (default) turns dropout
+            off, as DeepSpeed-Chat's OPT recipes and OpenRLHF do in RL: the PPO ratio then compares the same
+            function before and after the update. None keeps the checkpoints' dropout (experience is still
+            scored in eval mode; the fused first forward is then not used).
         """
         super().__init__(optimizer, schedule, weight_decay)
         self.save_hyperparameters(ignore=["reward", "monitor"])
@@ -75,7 +82,7 @@ class PPOModule(StageModule):
             raise ValueError(f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
                              "export) or value_head_on_actor: true")
         self.value_head_on_actor = value_head_on_actor and self.advantage.needs_critic
-        self.samples_every = samples_every
+        self.samples_every, self.dropout = samples_every, dropout
         self.ac = self.ref = self.ema = None
         self.samples: list[dict] = []
         self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
@@ -85,14 +92,18 @@ class PPOModule(StageModule):
             return
         policy = self.actor_spec.build_causal_lm(self.tokenizer)
         if self.actor_spec.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            enable_checkpointing(policy)
         policy = apply_lora(policy, self.lora)
         critic = head = None
         if self.value_head_on_actor:
             head = torch.nn.Linear(policy.get_input_embeddings().embedding_dim, 1, bias=False)
         elif self.advantage.needs_critic:
             critic = self.critic_spec.build_scalar(self.tokenizer)
+            if self.critic_spec.gradient_checkpointing:
+                enable_checkpointing(critic.backbone)
         self.ac = ActorCritic(policy, critic, head)
+        if self.dropout is not None:
+            set_dropout(self.ac, self.dropout)
         if self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
@@ -101,6 +112,11 @@ class PPOModule(StageModule):
         if self.algo.ema_beta is not None:  # built like the actor (partitioned under ZeRO-3), then copied
             self.ema = apply_lora(self.actor_spec.build_causal_lm(self.tokenizer), self.lora).eval().requires_grad_(False)
             self.update_ema(beta=0.0)
+        # Actor and critic train, frozen models stay in eval (from_pretrained returns eval mode and
+        # Lightning does not switch it; #13). Lightning warns about every eval-mode module at fit start:
+        # here the eval-mode ones are exactly the frozen ones, on purpose.
+        self.train()
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def trainable_groups(self):
         groups = param_groups(self.ac.policy, self.weight_decay)
@@ -173,7 +189,8 @@ class PPOModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         prompts, ptx = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)
-        fused = self.algo.fuse_first_forward and self.algo.ppo_epochs == 1 and self.algo.num_minibatches == 1
+        fused = self.algo.fuse_first_forward and self.algo.ppo_epochs == 1 and self.algo.num_minibatches == 1 \
+            and not has_dropout(self.ac)
         ro = self.rollout(prompts, score_policy=not fused)
         t0, out = time.perf_counter(), None
         if fused:  # the old log-probs/values are the training forward's, detached (one pass instead of two)
@@ -196,6 +213,7 @@ class PPOModule(StageModule):
                     continue
                 opt.zero_grad()
                 self.manual_backward(loss)
+                stats.update(self.clip_per_model())
                 opt.step()
                 sched.step()
                 self.update_ema()
@@ -210,6 +228,24 @@ class PPOModule(StageModule):
         if self.samples_every and batch_idx % self.samples_every == 0:
             self.samples = [{"prompt": p, "response": r, "score": float(s)}
                             for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
+
+    def clip_per_model(self) -> dict:
+        """Clip the actor's and the critic's gradients each to its own norm; returns their norms before
+        clipping. Under DeepSpeed the engine owns the gradients and clips by its ``gradient_clipping``."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return {}
+        # Under fp16 loss scaling the gradients are still scaled here: clipping them to max_norm * scale
+        # is clipping the true gradients to max_norm, without unscaling twice.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        out = {}
+        for name, module, limit in (("actor", self.ac.policy, self.algo.actor_max_grad_norm),
+                                    ("critic", self.ac.critic or self.ac.value_head, self.algo.critic_max_grad_norm)):
+            params = [p for p in module.parameters() if p.grad is not None] if module is not None else []
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, limit * scale if limit else float("inf"))
+                out[f"{name}_grad_norm"] = norm.detach() / scale
+        return out
 
     def diverged(self, loss: torch.Tensor, ratio_max: torch.Tensor) -> bool:
         """A non-finite loss or an exploding policy ratio on any rank: every rank skips together (a step

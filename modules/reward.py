@@ -9,7 +9,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from rlhf_lit import losses
-from rlhf_lit.models import ModelSpec
+from rlhf_lit.models import ModelSpec, enable_checkpointing
 from rlhf_lit.ops import last_attended_index, split_shared_prompt
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
@@ -60,9 +60,9 @@ class RewardModule(StageModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.spec.build_scalar(self.tokenizer)
+            self.model = self.spec.build_scalar(self.tokenizer).train()  # from_pretrained returns eval mode (#13)
             if self.spec.gradient_checkpointing:
-                self.model.backbone.gradient_checkpointing_enable()
+                enable_checkpointing(self.model.backbone)
 
     def forward(self, input_ids, attention_mask):
         """(B, T) -> scores (B,) at each row's last attended token."""

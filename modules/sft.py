@@ -10,7 +10,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from rlhf_lit import losses
 from rlhf_lit.generation import GenerationConfig, generate_texts
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, lm_inputs, merged
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
 
@@ -56,12 +56,14 @@ class SFTModule(StageModule):
         if self.model is None:
             model = self.spec.build_causal_lm(self.tokenizer)
             if self.spec.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
+                enable_checkpointing(model)
             packed = self._trainer is not None and getattr(self.trainer.datamodule, "pack", False)
             if packed and model.config.model_type not in PACKABLE:
                 raise ValueError(f"data.pack needs a model family that takes 4D attention masks and position_ids "
                                  f"({', '.join(PACKABLE)}); {model.config.model_type!r} does not: set pack: false")
-            self.model = apply_lora(model, self.lora)
+            # from_pretrained returns eval mode and Lightning does not switch it: without this, dropout and
+            # gradient checkpointing would be silently off for a pretrained model (issue #13).
+            self.model = apply_lora(model, self.lora).train()
 
     def forward(self, input_ids, attention_mask, position_ids=None, attention_mask_4d=None):
         """(B, T) ids and mask -> logits (B, T, V). Packed rows bring their positions and a (B, 1, T, T)
@@ -100,7 +102,7 @@ class SFTModule(StageModule):
         if not records:
             return {}
         refs = [r["response"] for r in records]
-        texts, _ = generate_texts(self.model, self.tokenizer, [r["prompt"] for r in records], self.generation,
+        texts, _ = generate_texts(self.model, self.tokenizer, [r.get("messages") or r["prompt"] for r in records], self.generation,
                                   self.trainer.datamodule.eval_batch_size, device=self.device)
         self.samples = [{"prompt": r["prompt"], "generation": t, "reference": ref} for r, t, ref in zip(records, texts, refs)]
         scores = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))(texts, refs)

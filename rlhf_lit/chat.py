@@ -1,8 +1,10 @@
 """``rlhf-lit chat --model DIR``: a terminal chat with any exported causal LM (like DeepSpeed-Chat's chat.py).
 
-The conversation is kept in the HH format the stages train on ("\\n\\nHuman: ...\\n\\nAssistant:").
-Type ``clear`` to start over and ``quit`` to leave. When standard input is not a terminal, each
-line is one user turn, so a scripted conversation can be piped in.
+The conversation is kept as messages and rendered the way the stages train: through the model's chat
+template when its tokenizer has one (stopping at its end-of-turn token), in the HH text format
+("\\n\\nHuman: ...\\n\\nAssistant:") otherwise; ``--chat-template`` overrides it as the configs do.
+Type ``clear`` to start over and ``quit`` to leave. When standard input is not a terminal, each line is
+one user turn, so a scripted conversation can be piped in.
 """
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ import torch
 from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
 
-TURN = "\n\nHuman: {}\n\nAssistant:"
 
-
-def reply(model, tok, history: str, gen: GenerationConfig, max_context: int) -> str:
+def reply(model, tok, history: list[dict], gen: GenerationConfig, max_context: int) -> str:
+    """The model's answer to the conversation so far (a list of {role, content} messages)."""
     return generate_texts(model, tok, [history], gen, max_prompt_len=max_context)[0][0]
 
 
@@ -32,21 +33,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--max-context", type=int, default=512, help="keep at most this many tokens of history")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", default="auto",
+                   help="'auto' (the tokenizer's template, else HH text), 'hh', or a Jinja template file")
+    p.add_argument("--system", help="a system message opening the conversation")
     a = p.parse_args(argv)
     try:
         from rlhf_lit.evaluate import load_policy
 
-        model, tok = load_policy(a.model)
+        model, tok = load_policy(a.model, a.chat_template)
         gen = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=not a.greedy, temperature=a.temperature,
                                top_k=a.top_k, top_p=a.top_p)
-    except (HubUnavailable, ValueError, OSError) as e:
+    except (HubUnavailable, ValueError, OSError, ImportError) as e:
         print(f"rlhf-lit chat: error: {e}", file=sys.stderr)
         return 1
     torch.manual_seed(a.seed)
     interactive = sys.stdin.isatty()
     if interactive:
         print("rlhf-lit chat: type 'clear' to start over, 'quit' to leave.")
-    history = ""
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(start)
     while True:
         try:
             line = input("Human: ") if interactive else sys.stdin.readline()
@@ -60,13 +65,13 @@ def main(argv: list[str]) -> int:
         if msg.lower() in ("quit", "exit"):
             break
         if msg.lower() == "clear":
-            history = ""
+            history = list(start)
             print("[history cleared]", flush=True)
             continue
         if not interactive:
             print(f"Human: {msg}")
-        history += TURN.format(msg)
-        answer = reply(model, tok, history, gen, a.max_context)
-        history += answer
-        print(f"Assistant:{answer if answer.startswith(' ') else ' ' + answer}", flush=True)
+        history.append({"role": "user", "content": msg})
+        answer = reply(model, tok, history, gen, a.max_context).strip()
+        history.append({"role": "assistant", "content": answer})
+        print(f"Assistant: {answer}", flush=True)
     return 0

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "pipeline": "rlhf_lit.pipeline:main",
     "evaluate": "rlhf_lit.evaluate:main",
     "chat": "rlhf_lit.chat:main",
+    "models": "rlhf_lit.convert:main",
     "experiments": "rlhf_lit.experiments:main",
 }
 LIGHTNING = ("fit", "validate", "test", "predict")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
 from rlhf_lit.models import HFModel, load_scalar_model
@@ -19,10 +20,10 @@ from rlhf_lit.rollout import sequence_logprobs
 from rlhf_lit.tokenizer import HFTokenizer
 
 
-def load_policy(path: str):
-    """An exported causal LM and its tokenizer, in eval mode."""
-    tok = HFTokenizer(path).load()
-    return HFModel(path).build_causal_lm(tok).eval(), tok
+def load_policy(path: str, chat_template: str = "auto", dtype: str = "float32"):
+    """An exported causal LM and its tokenizer (``chat_template`` as HFTokenizer's), in eval mode."""
+    tok = HFTokenizer(path, chat_template=chat_template).load()
+    return HFModel(path, dtype=dtype).build_causal_lm(tok).eval(), tok
 
 
 def sample(model, tok, prompts: list[str], gen: GenerationConfig, batch_size: int = 32, seed: int = 0,
@@ -77,9 +78,12 @@ def reward_accuracy(reward_dir: str, pairs: list[dict], gold: Optional[str] = No
     model, tok = load_scalar_model(reward_dir).eval(), HFTokenizer(reward_dir).load()
     fn = CallableReward(gold).fn if gold else None
     data_hits, gold_hits = [], []
+    fmt = ChatFormat(tok)
     for chunk in _chunks(pairs, batch_size):
-        texts = [r["prompt"] + r[k] + tok.eos_token for k in ("chosen", "rejected") for r in chunk]
-        ids, mask = pad_sequences(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id)
+        # Encoded as the reward stage encodes pairs: the chat format's prompt, then reply + end-of-turn.
+        prompts = fmt.prompt_ids([r.get("messages") or r["prompt"] for r in chunk])
+        seqs = [p + c for k in ("chosen", "rejected") for p, c in zip(prompts, fmt.response_ids([r[k] for r in chunk]))]
+        ids, mask = pad_sequences(seqs, tok.pad_token_id)
         s = model.score(ids, mask)
         c, r = s[: len(chunk)], s[len(chunk):]
         data_hits += (c > r).tolist()

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rlhf_lit.chat_format import ChatFormat, Prompt
 from rlhf_lit.models import accepts_arg
 from rlhf_lit.ops import pad_sequences, position_ids_from_mask
 
@@ -39,7 +40,8 @@ class GenerationConfig:
 
 
 def stop_ids(tokenizer, cfg: GenerationConfig) -> list[int]:
-    ids = [tokenizer.eos_token_id]
+    """eos, the chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``...) and ``stop_token``."""
+    ids = ChatFormat(tokenizer).stop_ids
     if cfg.stop_token:
         tok = tokenizer.convert_tokens_to_ids(cfg.stop_token)
         if tok is None or tok == tokenizer.unk_token_id:
@@ -145,26 +147,28 @@ def pick_tokens(logits: Tensor, cfg: GenerationConfig) -> Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(-1) - 1)
 
 
-def decode(tokenizer, responses: Tensor, mask: Tensor) -> list[str]:
-    """Response texts without the stop token."""
-    eos = {tokenizer.eos_token_id}
-    return [tokenizer.decode([t for t, m in zip(r.tolist(), k.tolist()) if m and t not in eos])
+def decode(tokenizer, responses: Tensor, mask: Tensor, stops: Optional[list[int]] = None) -> list[str]:
+    """Response texts without their stop token (eos, or the given stop ids)."""
+    skip = set(stops or [tokenizer.eos_token_id])
+    return [tokenizer.decode([t for t, m in zip(r.tolist(), k.tolist()) if m and t not in skip])
             for r, k in zip(responses, mask)]
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig, batch_size: int = 32,
+def generate_texts(model, tokenizer, prompts: list[Prompt], cfg: GenerationConfig, batch_size: int = 32,
                    max_prompt_len: Optional[int] = None, device=None) -> tuple[list[str], list[tuple]]:
-    """Responses to prompt texts, in batches (prompts left-padded and cut from the left to
-    ``max_prompt_len`` tokens). Returns the texts and, per batch, (ids, mask, prompt_len, response_mask)
-    with ids/mask (B, P + R) for scoring the sequences afterwards."""
+    """Responses to prompts (HH text or message lists, rendered by the tokenizer's chat format), in
+    batches (left-padded and cut from the left to ``max_prompt_len`` tokens). Returns the texts and, per
+    batch, (ids, mask, prompt_len, response_mask) with ids/mask (B, P + R) for scoring afterwards."""
     texts, batches = [], []
+    fmt = ChatFormat(tokenizer)
+    stops = stop_ids(tokenizer, cfg)
     for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[i : i + batch_size], add_special_tokens=False)["input_ids"]
+        ids = fmt.prompt_ids(prompts[i : i + batch_size])
         ids, mask = pad_sequences([x[-max_prompt_len:] if max_prompt_len else x for x in ids], tokenizer.pad_token_id,
                                   side="left")
         ids, mask = ids.to(device or ids.device), mask.to(device or ids.device)
         out, out_mask = generate(model, tokenizer, ids, mask, cfg)
-        texts += decode(tokenizer, out, out_mask)
+        texts += decode(tokenizer, out, out_mask, stops)
         batches.append((torch.cat([ids, out], 1), torch.cat([mask, out_mask], 1), ids.size(1), out_mask.float()))
     return texts, batches

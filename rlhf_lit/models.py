@@ -46,6 +46,16 @@ def _tiny_kwargs(family: str, h: int, layers: int, heads: int, ffn: int, positio
         "llama": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       intermediate_size=ffn, max_position_embeddings=positions),
     }
+    # Modern families: grouped-query attention (2 KV heads) as the real checkpoints use it.
+    gqa = dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+               intermediate_size=ffn, max_position_embeddings=positions, head_dim=head_dim)
+    table.update({
+        "qwen2": {**gqa, "use_sliding_window": False},
+        "mistral": {**gqa, "sliding_window": None},
+        "gemma": gqa,
+        "gemma2": {**gqa, "sliding_window": positions, "query_pre_attn_scalar": head_dim},
+        "phi3": {k: v for k, v in gqa.items() if k != "head_dim"},
+    })
     if family not in table:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(table)}")
     return table[family]
@@ -67,6 +77,45 @@ class LoRA:
     def __post_init__(self):
         if self.r <= 0 or self.alpha <= 0:
             raise ValueError(f"LoRA needs r > 0 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Every dropout of ``model`` set to ``p``: ``nn.Dropout`` modules, the float probabilities that
+    attention modules pass to functional dropout (``attention_dropout`` in Llama, ``dropout`` in OPT),
+    and the config, so what it builds later agrees."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, p)
+    config = getattr(model, "config", None)
+    if config is not None:
+        _config_dropout(config, p)
+    return model
+
+
+def _config_dropout(config, p: float) -> None:
+    for name, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+            setattr(config, name, p)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether any dropout of ``model`` is active (p > 0), as set_dropout finds them."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        if any("dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(module).items()):
+            return True
+    return False
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing of every transformer layer. Non-reentrant: it works when the inputs do
+    not require gradients (frozen embeddings, LoRA) and under torch.compile. It runs only in train
+    mode, so the stage modules put trainable models in train mode (``from_pretrained`` returns eval)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class ModelSpec:
@@ -102,6 +151,8 @@ class HFModel(ModelSpec):
         trust_remote_code: bool = False,
         revision: Optional[str] = None,
         gradient_checkpointing: bool = False,
+        dropout: Optional[float] = None,
+        gguf_file: Optional[str] = None,
     ) -> None:
         """Args:
         path: hub name (e.g. facebook/opt-1.3b) or local directory written by save_pretrained.
@@ -109,17 +160,25 @@ class HFModel(ModelSpec):
         trust_remote_code: allow model code from the hub (off unless asked).
         revision: hub branch, tag or commit.
         gradient_checkpointing: recompute activations in backward to save memory.
+        dropout: set every dropout probability of the model to this (None: keep the checkpoint's).
+        gguf_file: a GGUF file inside ``path`` (dequantised on load; needs the ``gguf`` package).
+            ``rlhf-lit models`` converts one to an ordinary directory once, which loads much faster.
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dropout is not None and not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.path, self.dtype, self.trust_remote_code, self.revision = path, dtype, trust_remote_code, revision
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.dropout, self.gguf_file = gradient_checkpointing, dropout, gguf_file
 
     def _load(self, auto_cls, tokenizer):
+        kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         with hub_errors(self.path, "model"):
             model = auto_cls.from_pretrained(
-                self.path, dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code, revision=self.revision
+                self.path, dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code, revision=self.revision, **kw
             )
+        if self.dropout is not None:
+            set_dropout(model, self.dropout)
         return fit_vocab(model, tokenizer)
 
     def build_causal_lm(self, tokenizer):
@@ -149,7 +208,7 @@ class TinyModel(ModelSpec):
         gradient_checkpointing: bool = False,
     ) -> None:
         """Args:
-        family: opt, gpt2, bloom, gpt_neox, gptj, gpt_neo, codegen or llama.
+        family: opt, gpt2, bloom, gpt_neox, gptj, gpt_neo, codegen, llama, qwen2, mistral, gemma, gemma2 or phi3.
         hidden_size: model width.
         num_layers: transformer blocks.
         num_heads: attention heads (must divide hidden_size).
@@ -168,9 +227,7 @@ class TinyModel(ModelSpec):
     def config(self, tokenizer):
         ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         cfg = AutoConfig.for_model(self.family, vocab_size=len(tokenizer), **ids, **self.kwargs)
-        for name, value in list(vars(cfg).items()):
-            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
-                setattr(cfg, name, self.dropout)
+        _config_dropout(cfg, self.dropout)
         return cfg
 
     def _build(self, auto_cls, tokenizer):
@@ -186,10 +243,18 @@ class TinyModel(ModelSpec):
 
 
 def fit_vocab(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
-    """Grow the embeddings when the tokenizer gained tokens (e.g. an added pad); set the pad id."""
+    """Grow the embeddings when the tokenizer gained tokens (an added pad); set the pad id.
+
+    New rows are the mean of the existing ones, not transformers' random draw (``mean_resizing``
+    samples around the mean): actor, reference, critic and reward model get identical rows, so the
+    KL to the reference is exactly 0 at step 0."""
     if tokenizer is not None:
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+        old = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > old:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

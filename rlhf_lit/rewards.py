@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.models import HFModel
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.tokenizer import HFTokenizer, tokenizer_fingerprint
@@ -58,9 +59,9 @@ class ModelReward(RewardSource):
 
     @torch.no_grad()
     def forward(self, prompts, responses, input_ids, attention_mask):
-        if not self.same_tokenizer:
-            eos = self.tokenizer.eos_token or ""
-            ids = self.tokenizer([p + r + eos for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
+        if not self.same_tokenizer:  # the reward model's own chat format, as its stage encoded pairs
+            fmt = ChatFormat(self.tokenizer)
+            ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
             input_ids, attention_mask = (t.to(input_ids.device) for t in pad_sequences(ids, self.tokenizer.pad_token_id))
         scores = self.model.score(input_ids, attention_mask)
         if self.normalize:

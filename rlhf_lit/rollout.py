@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_lit.generation import GenerationConfig, decode, generate
+from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
 from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
 from rlhf_lit.ops import logprobs_from_logits
 from rlhf_lit.ppo import KL_ESTIMATORS
@@ -51,7 +51,14 @@ class PPOConfig:
     """skip a minibatch whose max policy ratio exceeds this (a diverged update; logged)"""
     fuse_first_forward: bool = True
     """with ppo_epochs 1 and one minibatch, take the old log-probs and values from the training forward
-    (detached) instead of a separate scoring pass: same update, one actor+critic forward fewer"""
+    (detached) instead of a separate scoring pass: same update, one actor+critic forward fewer. Only
+    when no dropout is active (a train-mode forward with dropout is not the eval-mode scoring pass)"""
+    actor_max_grad_norm: Optional[float] = 1.0
+    """clip the actor's gradient to this norm (None: no clipping); actor and critic are clipped
+    separately, as DeepSpeed-Chat's two engines do, so a large critic gradient never shrinks the actor's
+    step. Under DeepSpeed the engine's ``gradient_clipping`` (one joint norm) applies instead"""
+    critic_max_grad_norm: Optional[float] = 1.0
+    """clip the critic's (or value head's) gradient to this norm (None: no clipping)"""
 
     def __post_init__(self):
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
@@ -64,6 +71,9 @@ class PPOConfig:
             raise ValueError(f"ema_beta must be in (0, 1) or null, got {self.ema_beta}")
         if min(self.vf_coef, self.entropy_coef, self.ptx_coef, self.critic_lr) < 0:
             raise ValueError("vf_coef, entropy_coef, ptx_coef and critic_lr must be >= 0")
+        for name in ("actor_max_grad_norm", "critic_max_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
 
 
 class ActorCritic(nn.Module):
@@ -142,16 +152,14 @@ class Rollout:
     entropy: Optional[Tensor]
     prompts: list[str]
     responses: list[str]
+    ended: Tensor
+    """(B,) True where the response's last kept token is a stop token (eos or end-of-turn), wherever it
+    lands, the last generated column included"""
     timing: dict = field(default_factory=dict)
 
     @property
     def eos_fraction(self) -> Tensor:
         return self.ended.float().mean()
-
-    @property
-    def ended(self) -> Tensor:
-        """(B,) True where the response ended with a stop token before max_new_tokens."""
-        return self.mask.sum(-1) < self.mask.size(1) if self.mask.size(1) else torch.zeros(0, dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -172,16 +180,34 @@ def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, 
     input_ids = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)
     p = prompt_ids.size(1)
-    texts = decode(tokenizer, responses, mask)
+    stops = stop_ids(tokenizer, gen)
+    ended = ended_with_stop(responses, mask, stops)
+    texts = decode(tokenizer, responses, mask, stops)
     scores = reward(prompts, texts, input_ids, attention_mask).float()
     logprobs = entropy = values = None
-    if score_policy:
-        logprobs, entropy, values = ac(input_ids, attention_mask, p, gen.temperature)
-    if ref_from_adapters:  # LoRA actor: the reference is the base model with adapters off (no copy)
-        with ac.policy.disable_adapter():
-            ref_logprobs = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
-    else:
-        ref_logprobs = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
+    # Experience is scored in eval mode (DeepSpeed-Chat, OpenRLHF): with dropout active the old
+    # log-probs and values would be noisy, and KL to an identical reference would not be 0 (#13).
+    was_training = ac.training
+    ac.eval()
+    try:
+        if score_policy:
+            logprobs, entropy, values = ac(input_ids, attention_mask, p, gen.temperature)
+        if ref_from_adapters:  # LoRA actor: the reference is the base model with adapters off (no copy)
+            with ac.policy.disable_adapter():
+                ref_logprobs = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
+        else:
+            ref_logprobs = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
+    finally:
+        ac.train(was_training)
     t2 = time.perf_counter()
     return Rollout(input_ids, attention_mask, p, mask.float(), logprobs, ref_logprobs, values, scores, entropy,
-                   prompts, texts, {"generate_s": t1 - t0, "score_s": t2 - t1})
+                   prompts, texts, ended, {"generate_s": t1 - t0, "score_s": t2 - t1})
+
+
+def ended_with_stop(responses: Tensor, mask: Tensor, stops: list[int]) -> Tensor:
+    """(B, R) responses and mask -> (B,) whether each row's last kept token is a stop token. Read from
+    the tokens, not from the mask's length: a stop in the last column leaves the mask full."""
+    if responses.size(1) == 0:
+        return torch.zeros(responses.size(0), dtype=torch.bool, device=responses.device)
+    last = responses.gather(1, (mask.long().sum(-1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.isin(last, torch.tensor(stops, device=responses.device)) & (mask.sum(-1) > 0)

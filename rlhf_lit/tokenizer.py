@@ -1,7 +1,9 @@
 """Tokenizer specs: load one from the hub or a directory, or train a byte-level BPE on the run's own text.
 
-A spec is what a config names; ``load()`` returns a ``transformers`` fast tokenizer with a pad token
-distinct from eos (never assume pad == eos: a reward read or a loss mask built on that breaks).
+A spec is what a config names; ``load()`` returns a ``transformers`` fast tokenizer with a pad token.
+Padding is masked by the attention mask everywhere (never found by id), so pad may equal eos: a
+pretrained tokenizer without pad reuses an existing token and the model's vocabulary is left alone.
+Its ``chat_template`` option decides how conversations are rendered (see rlhf_lit.chat_format).
 """
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rlhf_lit.chat_format import apply_chat_template_option
 from rlhf_lit.hub import hub_errors
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -29,18 +32,27 @@ class TokenizerSpec:
 class HFTokenizer(TokenizerSpec):
     """A tokenizer from the hub or a local directory (for example a stage's export)."""
 
-    def __init__(self, path: str, add_pad_token: bool = True, trust_remote_code: bool = False) -> None:
+    def __init__(self, path: str, chat_template: str = "auto", add_pad_token: bool = False,
+                 gguf_file: Optional[str] = None, trust_remote_code: bool = False) -> None:
         """Args:
         path: hub name or local directory with tokenizer files.
+        chat_template: how conversations are rendered: 'auto' (the tokenizer's chat template when it
+            has one, else the HH text format), 'hh', or the path of a Jinja template file. Saved with
+            the stage's export, so later stages, evaluate and chat render the same way.
         add_pad_token: add a dedicated ``<pad>`` token when the tokenizer has none (the model's
-            embeddings are resized to match); if False, a tokenizer without pad is an error.
+            embeddings grow by one row, initialised to the mean embedding, identically in every model).
+            Default: reuse eos as pad (masked by the attention mask), leaving the vocabulary unchanged.
+        gguf_file: a GGUF file inside ``path`` to read the tokenizer from (needs the ``gguf`` package).
         trust_remote_code: allow tokenizer code from the hub (off unless asked).
         """
-        self.path, self.add_pad_token, self.trust_remote_code = path, add_pad_token, trust_remote_code
+        self.path, self.chat_template, self.add_pad_token = path, chat_template, add_pad_token
+        self.gguf_file, self.trust_remote_code = gguf_file, trust_remote_code
 
     def load(self, texts=None) -> PreTrainedTokenizerFast:
+        kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         with hub_errors(self.path, "tokenizer"):
-            tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, **kw)
+        tok = apply_chat_template_option(tok, self.chat_template, self.path)
         return ensure_pad(tok, self.add_pad_token, self.path)
 
 
@@ -99,14 +111,20 @@ def save_atomically(tok: PreTrainedTokenizerFast, save_dir: str) -> None:
 
 
 def ensure_pad(tok, add_pad_token: bool, where: str):
-    """Give ``tok`` a pad token distinct from eos, or fail with a message naming the tokenizer."""
-    if tok.pad_token is None or (tok.eos_token is not None and tok.pad_token_id == tok.eos_token_id):
-        if not add_pad_token:
-            raise ValueError(
-                f"tokenizer {where!r} has no pad token distinct from eos; set add_pad_token: true "
-                "(adds '<pad>' and resizes the model's embeddings)"
-            )
+    """Give ``tok`` a pad token: its own, a new ``<pad>`` when ``add_pad_token``, else eos (or unk).
+
+    Reusing a token keeps a pretrained vocabulary (and the exported model's) unchanged: padding is
+    masked by the attention mask, and rewards are read at the last attended token, so pad == eos is
+    safe here (DeepSpeed-Chat and TRL pad with eos too)."""
+    if tok.pad_token is not None:
+        return tok
+    if add_pad_token:
         tok.add_special_tokens({"pad_token": SPECIALS["pad_token"]})
+        return tok
+    existing = tok.eos_token or tok.unk_token
+    if existing is None:
+        raise ValueError(f"tokenizer {where!r} has no pad, eos or unk token to pad with; set add_pad_token: true")
+    tok.pad_token = existing
     return tok
 
 

@@ -7,7 +7,7 @@ from rlhf_lit.models import HFModel, ScalarModel, TinyModel, lm_inputs, load_sca
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.tokenizer import HFTokenizer, ensure_pad, tokenizer_fingerprint
 
-FAMILIES = ["opt", "gpt2", "bloom", "gpt_neox", "gptj", "gpt_neo", "codegen", "llama"]
+FAMILIES = ["opt", "gpt2", "bloom", "gpt_neox", "gptj", "gpt_neo", "codegen", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi3"]
 
 
 def test_trained_tokenizer_round_trip(tok, tokenizer_dir, tmp_path):
@@ -21,12 +21,30 @@ def test_trained_tokenizer_round_trip(tok, tokenizer_dir, tmp_path):
     assert tokenizer_fingerprint(again) == tokenizer_fingerprint(tok)
 
 
-def test_tokenizer_without_pad_gets_a_distinct_one_or_a_clear_error(tok):
-    tok.pad_token = tok.eos_token
-    with pytest.raises(ValueError, match="no pad token distinct from eos"):
-        ensure_pad(tok, add_pad_token=False, where="x")
-    fixed = ensure_pad(tok, add_pad_token=True, where="x")
-    assert fixed.pad_token_id != fixed.eos_token_id
+def test_tokenizer_without_pad_reuses_eos_unless_asked_to_add_one(tok):
+    n = len(tok)
+    tok.pad_token = None
+    reused = ensure_pad(tok, add_pad_token=False, where="x")
+    assert reused.pad_token_id == reused.eos_token_id and len(reused) == n  # vocabulary unchanged
+    tok.pad_token = None
+    added = ensure_pad(tok, add_pad_token=True, where="x")
+    assert added.pad_token == "<pad>" and len(added) == n  # the BPE already had '<pad>' as a token
+
+
+def test_added_pad_row_is_deterministic_and_the_same_in_every_model(tok):
+    """An added token's embedding row is the mean row in every model built from the checkpoint (not
+    transformers' random mean-resizing draw), so actor and reference agree and KL starts at 0."""
+    from rlhf_lit.models import fit_vocab
+
+    base = TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<new>"]})
+    a = fit_vocab(base, tok)
+    b = fit_vocab(TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(
+        AutoTokenizer.from_pretrained(tok.name_or_path)), tok)
+    emb_a, emb_b = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    assert emb_a.size(0) == len(tok)
+    torch.testing.assert_close(emb_a, emb_b)
+    torch.testing.assert_close(emb_a[-1], emb_a[:-1].mean(0))
 
 
 def test_missing_local_model_path_is_one_clear_error():

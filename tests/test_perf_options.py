@@ -19,7 +19,7 @@ from rlhf_lit.models import TinyModel
 from rlhf_lit.rewards import CallableReward
 from rlhf_lit.rollout import PPOConfig, logprobs_and_entropy, response_logits
 
-FAMILIES = ["opt", "gpt2", "bloom", "gpt_neox", "gptj", "gpt_neo", "codegen", "llama"]
+from test_models import FAMILIES  # noqa: E402
 
 
 def model(family, tok, seed=0):

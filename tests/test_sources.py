@@ -7,7 +7,8 @@ import pytest
 from conftest import write_jsonl
 
 from datamodules.readers import DataError
-from datamodules.sources import hh_turns, load_source
+from datamodules.sources import load_source
+from rlhf_lit.chat_format import hh_turns
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
