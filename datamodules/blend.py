@@ -30,6 +30,8 @@ def supports(record: dict, stage: str) -> bool:
 def view(record: dict, stage: str) -> dict:
     """The fields of ``record`` that ``stage`` uses (SFT trains on the chosen reply of a pair)."""
     base = {"source": record["source"], "row": record["row"], "prompt": record["prompt"]}
+    if "messages" in record:  # conversational rows render their messages through the chat template
+        base["messages"] = record["messages"]
     if stage == "sft":
         return {**base, "response": record.get("response", record.get("chosen"))}
     if stage == "reward":

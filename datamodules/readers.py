@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from rlhf_lit.errors import InputError
 from rlhf_lit.hub import require_hub
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file, the row and the field."""
 
 

@@ -282,6 +282,8 @@ class PPOModule(StageModule):
             "time/tokens_per_s": n_tok / max(sum(timing.values()), 1e-9),
             "time/prompts_per_s": ro.mask.size(0) / max(sum(timing.values()), 1e-9),
         }
+        if getattr(self.reward, "truncated", None) is not None:  # rows the reward model's own tokenizer cut
+            logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
             logs["objective/monitor_scores"] = self.monitor(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask).mean()
         for key in per_step[0] if per_step else []:

@@ -15,13 +15,15 @@ import re
 from pathlib import Path
 from typing import Union
 
+from rlhf_lit.errors import InputError
+
 HH_TURN = {"user": "\n\nHuman: {}", "assistant": "\n\nAssistant: {}", "system": "{}"}
 HH_PROMPT_END = "\n\nAssistant:"
 ROLES = {"human": "user", "assistant": "assistant"}
 Prompt = Union[str, list]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """A chat template that cannot render a conversation; the message names the tokenizer/template."""
 
 

@@ -62,11 +62,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     from rlhf_lit.callbacks import NonFiniteError
+    from rlhf_lit.errors import InputError
 
     try:
         lightning_cli(None if from_shell else argv)
     except NonFiniteError as e:
         print(f"rlhf-lit: stopped: {e}", file=sys.stderr)
+        return 1
+    except InputError as e:  # bad data, config values or model directories: one line, no traceback
+        print(f"rlhf-lit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     return 0
 

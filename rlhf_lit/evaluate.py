@@ -35,7 +35,7 @@ def sample(model, tok, prompts: list[str], gen: GenerationConfig, batch_size: in
 
 @torch.no_grad()
 def evaluate_policy(policy: str, prompts: list[str], rewards: dict[str, RewardSource], reference: Optional[str] = None,
-                    gen: Optional[GenerationConfig] = None, batch_size: int = 32, seed: int = 0) -> dict:
+                    gen: Optional[GenerationConfig] = None, batch_size: int = 32, seed: int = 0, examples: int = 3) -> dict:
     """Mean/std of each reward source over sampled responses, response length, and the KL (sum of
     log p_policy - log p_ref over response tokens, averaged over prompts) when a reference is given."""
     gen = gen or GenerationConfig()
@@ -57,7 +57,7 @@ def evaluate_policy(policy: str, prompts: list[str], rewards: dict[str, RewardSo
             rlp = sequence_logprobs(ref, ids, mask, p, gen.temperature)
             kls += ((lp - rlp) * resp_mask).sum(-1).tolist()
         out["kl"] = statistics.mean(kls)
-    out["examples"] = [{"prompt": p, "response": r} for p, r in zip(prompts[:3], texts[:3])]
+    out["examples"] = [{"prompt": p, "response": r} for p, r in zip(prompts[:examples], texts[:examples])]
     return out
 
 
@@ -92,11 +92,22 @@ def reward_accuracy(reward_dir: str, pairs: list[dict], gold: Optional[str] = No
                 gc, gr = fn(rec["prompt"], rec["chosen"]), fn(rec["prompt"], rec["rejected"])
                 if gc != gr:
                     gold_hits.append((sc > sr) == (gc > gr))
-    out = {"heldout_pairs": len(pairs), "heldout_accuracy_vs_labels": sum(data_hits) / max(1, len(data_hits))}
+    out = {"heldout_pairs": len(pairs), "heldout_accuracy_vs_labels": sum(data_hits) / max(1, len(data_hits)),
+           "heldout_accuracy_vs_labels_ci95": wilson_interval(sum(data_hits), len(data_hits))}
     if fn:
         out["heldout_accuracy_vs_gold"] = sum(gold_hits) / max(1, len(gold_hits))
     out["heldout_accuracy"] = out.get("heldout_accuracy_vs_gold", out["heldout_accuracy_vs_labels"])
     return out
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (better than the normal approximation near 0 and 1 and
+    for the few hundred pairs a CPU run scores)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return [round((centre - half) / (1 + z * z / n), 4), round((centre + half) / (1 + z * z / n), 4)]
 
 
 def main(argv: list[str]) -> int:

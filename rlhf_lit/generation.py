@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from rlhf_lit.chat_format import ChatFormat, Prompt
-from rlhf_lit.models import accepts_arg
+from rlhf_lit.models import accepts_arg, cache_arg, returned_cache
 from rlhf_lit.ops import pad_sequences, position_ids_from_mask
 
 ENGINES = ("kv_loop", "hf")
@@ -110,8 +110,8 @@ def kv_loop(model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfi
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     out, past, tokens = None, None, []
     for t in range(cfg.max_new_tokens):
-        out = model(**step, past_key_values=past, use_cache=True, **keep)
-        past = out.past_key_values
+        out = model(**step, **cache_arg(model, past), use_cache=True, **keep)
+        past = returned_cache(out)
         nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
         tokens.append(nxt)
         done = done | torch.isin(nxt, stop)

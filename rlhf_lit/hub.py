@@ -13,8 +13,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rlhf_lit.errors import InputError
 
-class HubUnavailable(RuntimeError):
+
+class HubUnavailable(InputError, RuntimeError):
     """A hub name was given but the hub cannot be reached (or offline mode is set)."""
 
 

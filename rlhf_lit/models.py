@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from rlhf_lit.errors import InputError
 from rlhf_lit.hub import hub_errors
 from rlhf_lit.ops import last_attended_index, position_ids_from_mask
 
@@ -191,6 +192,41 @@ class HFModel(ModelSpec):
         p = Path(self.path) / VALUE_HEAD_FILE
         return p if p.exists() else None
 
+    def checkpoint_format(self) -> str:
+        """'rlhf_lit' (a scalar-model export), 'sequence_classification' (a transformers
+        ``*ForSequenceClassification`` checkpoint) or 'causal' (a causal/base LM: the head is new)."""
+        if self.value_head_path() is not None:
+            return "rlhf_lit"
+        kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        with hub_errors(self.path, "model config"):
+            cfg = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, revision=self.revision, **kw)
+        return "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in cfg.architectures or []) \
+            else "causal"
+
+    def build_classifier(self, tokenizer) -> "SequenceClassifier":
+        """A ``*ForSequenceClassification`` checkpoint with one label, its score head used as is."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = self._load(AutoModelForSequenceClassification, tokenizer)
+        if model.config.num_labels != 1:
+            raise InputError(f"{self.path}: a reward model needs one label (a scalar score); this sequence-classification "
+                             f"checkpoint has num_labels={model.config.num_labels}")
+        return SequenceClassifier(model)
+
+    def build_scalar(self, tokenizer) -> "ScalarModel":
+        """Backbone + value head from an rlhf-lit export, a one-label sequence-classification checkpoint
+        (its decoder and score head: a published reward model as critic init), or a raw checkpoint (new head)."""
+        if self.checkpoint_format() != "sequence_classification":
+            return super().build_scalar(tokenizer)
+        clf = self.build_classifier(tokenizer)
+        if not clf.decoder:
+            raise InputError(f"{self.path}: an encoder classifier ({clf.model.config.model_type}) has no per-token values; "
+                             "a critic needs a decoder model")
+        model = ScalarModel(clf.model.base_model)
+        model.value_head.weight.data.copy_(clf.model.score.weight.data.to(model.value_head.weight.dtype))
+        model.meta = clf.meta
+        return model
+
 
 class TinyModel(ModelSpec):
     """A small randomly initialised model of a given family, built from a config (offline)."""
@@ -306,6 +342,17 @@ def _forward_params(cls: type) -> frozenset:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
+def cache_arg(model: nn.Module, cache) -> dict:
+    """The KV-cache keyword of the model's forward: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return {"cache" if accepts_arg(model, "cache") else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
     """Forward keywords with explicit ``position_ids`` where the family takes them (left padding safe)."""
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -350,13 +397,13 @@ class ScalarModel(nn.Module):
         """
         groups = suffix_ids.size(0) // prompt_ids.size(0)
         out = self.backbone(**lm_inputs(self.backbone, prompt_ids, prompt_mask), use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         cache.batch_repeat_interleave(groups)
         mask = torch.cat([prompt_mask.repeat_interleave(groups, 0), suffix_mask], 1)
         kw = {"input_ids": suffix_ids, "attention_mask": mask}
         if accepts_arg(self.backbone, "position_ids"):
             kw["position_ids"] = position_ids_from_mask(mask)[:, prompt_ids.size(1):]
-        hidden = self.backbone(**kw, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self.backbone(**kw, **cache_arg(self.backbone, cache), use_cache=True).last_hidden_state
         values = self.value_head(hidden).squeeze(-1).float()
         return values.gather(1, last_attended_index(suffix_mask).unsqueeze(1)).squeeze(1)
 
@@ -373,6 +420,35 @@ class ScalarModel(nn.Module):
             self.value_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"])
         meta = path / SCALAR_META_FILE
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
+
+
+class SequenceClassifier(nn.Module):
+    """A transformers sequence-classification model with one label, as a reward model.
+
+    Decoder models (a ``score`` head: Llama, Mistral, Qwen, GPT-2, OPT...) are read at the last attended
+    token of the attention mask: transformers looks for the last token that is not the pad id, which is
+    wrong when pad equals eos and a reply ends with eos. Encoders (BERT, DeBERTa) use their own pooling."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        head = getattr(model, "score", None)
+        self.decoder = isinstance(head, nn.Linear) and not getattr(model.config, "is_encoder_decoder", False)
+        cfg = model.config
+        self.meta = {k: float(getattr(cfg, k)) for k in ("score_mean", "score_std") if getattr(cfg, k, None) is not None}
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) -> (B,) float scores."""
+        if not self.decoder:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        base = self.model.base_model
+        hidden = base(**lm_inputs(base, input_ids, attention_mask), use_cache=False).last_hidden_state
+        last = hidden.gather(1, last_attended_index(attention_mask).view(-1, 1, 1).expand(-1, 1, hidden.size(-1)))
+        return self.model.score(last).squeeze(-1).squeeze(-1).float()
 
 
 def load_scalar_model(path: str, dtype: str = "float32") -> ScalarModel:

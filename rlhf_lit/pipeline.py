@@ -44,6 +44,10 @@ class EvalPlan:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
+    reward_pairs: Optional[int] = None
+    """held-out pairs scored for the reward model's accuracy (None: all of them)"""
+    examples: int = 3
+    """held-out prompts whose responses each policy's summary keeps (before/after answers)"""
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -169,7 +173,7 @@ class Pipeline:
 
         ev = self.evaluation
         if "heldout_accuracy" not in self.summary.get("reward", {}):
-            self.record("reward", reward_accuracy(self.export("reward"), self.heldout("reward"), ev.gold))
+            self.record("reward", reward_accuracy(self.export("reward"), self.heldout("reward")[: ev.reward_pairs], ev.gold))
         prompts = [r["prompt"] for r in self.heldout("ppo")][: ev.prompts]
         rewards = {"rm_score": ModelReward(self.export("reward"), normalize=False)}
         if ev.gold:
@@ -180,7 +184,7 @@ class Pipeline:
                            ("ppo_ema", self.export("ppo", "actor_ema"))):
             if not Path(path).exists():
                 continue
-            res = evaluate_policy(path, prompts, rewards, self.export("sft"), gen, seed=ev.seed)
+            res = evaluate_policy(path, prompts, rewards, self.export("sft"), gen, seed=ev.seed, examples=ev.examples)
             scores[name] = res.pop("gold_reward_scores" if ev.gold else "rm_score_scores")
             res.pop("rm_score_scores", None)
             self.record(name, res)

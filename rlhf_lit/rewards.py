@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.chat_format import ChatFormat
+from rlhf_lit.errors import InputError
 from rlhf_lit.models import HFModel
 from rlhf_lit.ops import pad_sequences
-from rlhf_lit.tokenizer import HFTokenizer, tokenizer_fingerprint
+from rlhf_lit.tokenizer import HFTokenizer
 
 
 class RewardSource(nn.Module):
@@ -30,43 +31,101 @@ class RewardSource(nn.Module):
         raise NotImplementedError
 
 
-class ModelReward(RewardSource):
-    """A reward model exported by the reward stage (or any scalar-head export), frozen."""
+FORMATS = ("auto", "rlhf_lit", "sequence_classification", "causal")
 
-    def __init__(self, path: str, normalize: bool = True, dtype: str = "float32") -> None:
+
+def same_tokenization(a, b) -> bool:
+    """Whether two tokenizers turn a conversation into the same ids: the same vocabulary, special
+    tokens (pad aside: padding is masked) and chat format. Compared directly, not by a fingerprint
+    that two different resizes can make equal (issue #17)."""
+    if a.get_vocab() != b.get_vocab():
+        return False
+    specials = lambda t: (t.bos_token, t.eos_token, t.unk_token)  # noqa: E731
+    fa, fb = ChatFormat(a), ChatFormat(b)
+    return specials(a) == specials(b) and (a.chat_template or None) == (b.chat_template or None) and fa.bos == fb.bos
+
+
+class ModelReward(RewardSource):
+    """A frozen reward model: an rlhf-lit reward export, any Hugging Face sequence-classification
+    checkpoint with one label (a published reward model), or a raw causal checkpoint with a new head.
+
+    When the reward model's tokenizer differs from the actor's (vocabulary, special tokens or chat
+    template), the conversation is rendered its own way (prompt and response as messages through its
+    template, else HH text) and re-tokenised, cut from the left to ``max_length`` tokens."""
+
+    def __init__(self, path: str, normalize: bool = True, dtype: str = "float32", format: str = "auto",
+                 chat_template: str = "auto", max_length: Optional[int] = None, stats_rollouts: int = 0) -> None:
         """Args:
-        path: directory of a reward export (backbone + value_head.safetensors + tokenizer).
-        normalize: standardise scores with the mean/std the reward stage saved with the export.
+        path: directory (or hub name) of the reward model and its tokenizer.
+        normalize: standardise scores with the score_mean/score_std saved with the model (rlhf-lit exports,
+            or a sequence-classification config carrying them); see stats_rollouts for models without them.
         dtype: weights dtype.
+        format: 'auto' (detected), 'rlhf_lit', 'sequence_classification' or 'causal' (a new, untrained head:
+            for wiring tests and critic init, not a meaningful reward).
+        chat_template: how this model's tokenizer renders conversations ('auto', 'hh' or a Jinja file).
+        max_length: longest sequence scored when re-tokenising (default: the model's position limit);
+            longer ones lose tokens from the left, counted in ``truncated`` (logged as reward/truncated_rows).
+        stats_rollouts: with normalize and no saved statistics, estimate mean/std from the scores of the
+            first N calls (rollout batches; running estimates meanwhile), then keep them fixed.
         """
         super().__init__()
-        self.path, self.normalize, self.dtype = path, normalize, dtype
+        if format not in FORMATS:
+            raise InputError(f"ModelReward format must be one of {FORMATS}, got {format!r}")
+        if stats_rollouts < 0:
+            raise InputError(f"ModelReward stats_rollouts must be >= 0, got {stats_rollouts}")
+        self.path, self.normalize, self.dtype, self.format = path, normalize, dtype, format
+        self.chat_template, self.max_length, self.stats_rollouts = chat_template, max_length, stats_rollouts
         self.model = None
         self.tokenizer = None
         self.same_tokenizer = True
+        self.truncated = 0
+        self._moments = [0, 0, 0.0, 0.0]  # calls, scores, their sum and sum of squares (stats_rollouts)
 
     def build(self, tokenizer) -> None:
         if self.model is not None:
             return
-        self.model = HFModel(self.path, dtype=self.dtype).build_scalar(None)
+        spec = HFModel(self.path, dtype=self.dtype)
+        fmt = spec.checkpoint_format() if self.format == "auto" else self.format
+        self.model = spec.build_classifier(None) if fmt == "sequence_classification" else spec.build_scalar(None)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = HFTokenizer(self.path).load()
-        # A reward model trained with another tokenizer still works: it re-tokenizes the texts.
-        self.same_tokenizer = tokenizer_fingerprint(self.tokenizer) == tokenizer_fingerprint(tokenizer)
-        meta = self.model.meta
-        if self.normalize and not {"score_mean", "score_std"} <= set(meta):
-            raise ValueError(f"reward export {self.path} has no score_mean/score_std; set normalize: false")
+        self.tokenizer = HFTokenizer(self.path, chat_template=self.chat_template).load()
+        self.same_tokenizer = tokenizer is not None and same_tokenization(self.tokenizer, tokenizer)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = self.max_length or positions or 4096
+        if self.normalize and not {"score_mean", "score_std"} <= set(self.model.meta) and not self.stats_rollouts:
+            raise InputError(f"reward model {self.path} has no saved score statistics (score_mean/score_std): "
+                             "set normalize: false, or stats_rollouts: N to estimate them on the first N rollouts")
+
+    def encode(self, prompts: list, responses: list[str], device) -> tuple[Tensor, Tensor]:
+        """The texts rendered and tokenised the reward model's way, cut from the left to max_length."""
+        fmt = ChatFormat(self.tokenizer)
+        ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
+        self.truncated += sum(len(x) > self.max_length for x in ids)
+        ids, mask = pad_sequences([x[-self.max_length:] for x in ids], self.tokenizer.pad_token_id)
+        return ids.to(device), mask.to(device)
 
     @torch.no_grad()
     def forward(self, prompts, responses, input_ids, attention_mask):
-        if not self.same_tokenizer:  # the reward model's own chat format, as its stage encoded pairs
-            fmt = ChatFormat(self.tokenizer)
-            ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
-            input_ids, attention_mask = (t.to(input_ids.device) for t in pad_sequences(ids, self.tokenizer.pad_token_id))
+        if not self.same_tokenizer:
+            input_ids, attention_mask = self.encode(prompts, responses, input_ids.device)
         scores = self.model.score(input_ids, attention_mask)
         if self.normalize:
-            scores = (scores - self.model.meta["score_mean"]) / max(self.model.meta["score_std"], 1e-6)
+            mean, std = self.statistics(scores)
+            scores = (scores - mean) / max(std, 1e-6)
         return scores
+
+    def statistics(self, scores: Tensor) -> tuple[float, float]:
+        """Saved mean/std, or running estimates over the first ``stats_rollouts`` calls (then fixed)."""
+        meta = self.model.meta
+        if {"score_mean", "score_std"} <= set(meta):
+            return meta["score_mean"], meta["score_std"]
+        calls, n, total, squares = self._moments
+        if calls < self.stats_rollouts:
+            calls, n = calls + 1, n + scores.numel()
+            total, squares = total + float(scores.sum()), squares + float((scores.double() ** 2).sum())
+            self._moments = [calls, n, total, squares]
+        mean = total / max(n, 1)
+        return mean, max(squares / max(n, 1) - mean**2, 0.0) ** 0.5
 
 
 def import_callable(target: str) -> Callable:
