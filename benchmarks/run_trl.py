@@ -6,6 +6,7 @@
 Settings follow benchmarks/common.HPARAMS; TRL's CPU-unfriendly defaults (bf16, gradient
 checkpointing) are turned off so every framework does the same fp32 work.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import HPARAMS, StepLog, emit, parser, read_jsonl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-
-from common import HPARAMS, StepLog, emit, parser, read_jsonl
 
 H = HPARAMS
 
@@ -43,26 +43,52 @@ def counting(collator, work: list[dict], pairs: bool):
         n = int(batch["input_ids"].size(0))
         work.append({"tokens": int(batch["attention_mask"].sum()), "units": n // 2 if pairs else n})
         return batch
+
     return collate
 
 
 def common_args(out: str, steps: int) -> dict:
-    return dict(output_dir=out, per_device_train_batch_size=H["batch_size"], learning_rate=H["lr"],
-                lr_scheduler_type="constant", warmup_steps=0, max_steps=steps, logging_steps=10, save_strategy="no",
-                report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0,
-                seed=H["seed"], disable_tqdm=True)
+    return dict(
+        output_dir=out,
+        per_device_train_batch_size=H["batch_size"],
+        learning_rate=H["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=H["seed"],
+        disable_tqdm=True,
+    )
 
 
 def run_sft(w: Path, steps: int, warmup: int, out: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(w / "tokenizer")
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in read_jsonl(w / "records.jsonl")])
-    args = SFTConfig(**common_args(out, steps), max_length=H["max_seq_len"], packing=False, completion_only_loss=True,
-                     dataset_num_proc=1)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["chosen"]} for r in read_jsonl(w / "records.jsonl")]
+    )
+    args = SFTConfig(
+        **common_args(out, steps),
+        max_length=H["max_seq_len"],
+        packing=False,
+        completion_only_loss=True,
+        dataset_num_proc=1,
+    )
     log, work = StepLog(), []
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(w / "policy"), args=args, train_dataset=data,
-                         processing_class=tok, callbacks=[Timer(log, work)])
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(w / "policy"),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Timer(log, work)],
+    )
     trainer.data_collator = counting(trainer.data_collator, work, pairs=False)
     trainer.train()
     emit("trl", "sft", log, warmup, unit="tokens")
@@ -76,7 +102,9 @@ def run_reward(w: Path, steps: int, warmup: int, out: str) -> None:
     args = RewardConfig(**common_args(out, steps), max_length=H["max_seq_len"], dataset_num_proc=1)
     model = AutoModelForSequenceClassification.from_pretrained(w / "reward_hf", num_labels=1)
     log, work = StepLog(), []
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Timer(log, work)])
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Timer(log, work)]
+    )
     trainer.data_collator = counting(trainer.data_collator, work, pairs=True)
     trainer.train()
     emit("trl", "reward", log, warmup, unit="pairs")
@@ -87,20 +115,36 @@ def run_ppo(w: Path, steps: int, warmup: int, out: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(w / "tokenizer", padding_side="left")
     ids = tok([r["prompt"] for r in read_jsonl(w / "records.jsonl")], add_special_tokens=False)["input_ids"]
-    data = Dataset.from_dict({"input_ids": [x[-H["max_prompt_len"]:] for x in ids]})
+    data = Dataset.from_dict({"input_ids": [x[-H["max_prompt_len"] :] for x in ids]})
     n = steps * H["batch_size"]
-    args = PPOConfig(**{**common_args(out, steps), "max_steps": -1}, total_episodes=n, num_ppo_epochs=H["ppo_epochs"],
-                     num_mini_batches=H["num_minibatches"], local_rollout_forward_batch_size=H["batch_size"],
-                     response_length=H["response_length"], stop_token="eos", temperature=H["temperature"],
-                     kl_coef=H["kl_coef"], num_sample_generations=0, missing_eos_penalty=None)
-    load = lambda cls, d: cls.from_pretrained(w / d, **({"num_labels": 1} if cls is AutoModelForSequenceClassification else {}))  # noqa: E731
+    args = PPOConfig(
+        **{**common_args(out, steps), "max_steps": -1},
+        total_episodes=n,
+        num_ppo_epochs=H["ppo_epochs"],
+        num_mini_batches=H["num_minibatches"],
+        local_rollout_forward_batch_size=H["batch_size"],
+        response_length=H["response_length"],
+        stop_token="eos",
+        temperature=H["temperature"],
+        kl_coef=H["kl_coef"],
+        num_sample_generations=0,
+        missing_eos_penalty=None,
+    )
+    load = lambda cls, d: cls.from_pretrained(
+        w / d, **({"num_labels": 1} if cls is AutoModelForSequenceClassification else {})
+    )  # noqa: E731
     log = StepLog()
     work = [{"units": H["batch_size"]}] * steps
-    trainer = PPOTrainer(args=args, processing_class=tok, model=load(AutoModelForCausalLM, "policy"),
-                         ref_model=load(AutoModelForCausalLM, "policy"),
-                         reward_model=load(AutoModelForSequenceClassification, "reward_hf"),
-                         value_model=load(AutoModelForSequenceClassification, "reward_hf"),
-                         train_dataset=data, callbacks=[Timer(log, work)])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=load(AutoModelForCausalLM, "policy"),
+        ref_model=load(AutoModelForCausalLM, "policy"),
+        reward_model=load(AutoModelForSequenceClassification, "reward_hf"),
+        value_model=load(AutoModelForSequenceClassification, "reward_hf"),
+        train_dataset=data,
+        callbacks=[Timer(log, work)],
+    )
     trainer.train()
     emit("trl", "ppo", log, warmup, unit="prompts")
 
@@ -110,7 +154,9 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(H["seed"])
     with tempfile.TemporaryDirectory() as out:
-        {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](Path(a.workload), a.steps + a.warmup, a.warmup, out)
+        {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](
+            Path(a.workload), a.steps + a.warmup, a.warmup, out
+        )
 
 
 if __name__ == "__main__":

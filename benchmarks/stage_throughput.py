@@ -7,6 +7,7 @@ Runs configs/{sft,reward,ppo}/tiny.yaml through the pipeline's stage wiring (the
 CSV logging), drops the first ``--warmup`` steps and reports medians of the per-step figures the
 modules log (tokens/s counts attended tokens only, not padding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,12 @@ from pathlib import Path
 
 import yaml
 
-for k, v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
+for k, v in {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+}.items():
     os.environ.setdefault(k, v)
 
 from rlhf_lit.pipeline import STAGES, Pipeline, StagePlan  # noqa: E402
@@ -47,12 +53,24 @@ def main() -> None:
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     # The pipeline's own stage wiring (exports fed forward), with fixed step counts and no validation.
-    fixed = {"trainer": {"max_steps": a.steps, "max_epochs": -1, "limit_val_batches": 0, "enable_progress_bar": False,
-                         "log_every_n_steps": 1}}
-    pipe = Pipeline(str(out), yaml.safe_load(Path("configs/pipeline/quickstart.yaml").read_text())["blend"],
-                    *(StagePlan(f"configs/{s}/tiny.yaml", fixed) for s in STAGES),
-                    tokenizer={"class_path": "rlhf_lit.tokenizer.TrainedBPE",
-                               "init_args": {"save_dir": str(out / "tokenizer"), "vocab_size": 600}})
+    fixed = {
+        "trainer": {
+            "max_steps": a.steps,
+            "max_epochs": -1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+        }
+    }
+    pipe = Pipeline(
+        str(out),
+        yaml.safe_load(Path("configs/pipeline/quickstart.yaml").read_text())["blend"],
+        *(StagePlan(f"configs/{s}/tiny.yaml", fixed) for s in STAGES),
+        tokenizer={
+            "class_path": "rlhf_lit.tokenizer.TrainedBPE",
+            "init_args": {"save_dir": str(out / "tokenizer"), "vocab_size": 600},
+        },
+    )
     rows, wall = {}, {}
     for stage in STAGES:
         t0 = time.perf_counter()
@@ -70,13 +88,21 @@ def main() -> None:
         "ppo_time_split": {k: round(v / total, 3) for k, v in split.items()},
         "ppo_step_s": total,
         "wall_s": wall,
-        "steps": a.steps, "warmup": a.warmup, "threads": os.environ["OMP_NUM_THREADS"],
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "threads": os.environ["OMP_NUM_THREADS"],
     }
     if a.json:
         print(json.dumps(result))
         return
     print(f"{'figure':<28}{'value':>12}")
-    for k in ("sft_tokens_per_s", "sft_samples_per_s", "reward_pairs_per_s", "reward_tokens_per_s", "ppo_prompts_per_s"):
+    for k in (
+        "sft_tokens_per_s",
+        "sft_samples_per_s",
+        "reward_pairs_per_s",
+        "reward_tokens_per_s",
+        "ppo_prompts_per_s",
+    ):
         print(f"{k:<28}{result[k]:>12.1f}")
     print(f"{'ppo_step_s':<28}{result['ppo_step_s']:>12.4f}")
     for k, v in result["ppo_time_split"].items():

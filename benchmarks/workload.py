@@ -10,6 +10,7 @@ Writes ``hh.jsonl`` (HH-RLHF's original schema: whole ``chosen``/``rejected`` di
 parameter counts, rows kept/dropped by the token limits).
 Runs in the project's environment (the peers only read the files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ SIZES = {
     "30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
 }
 VOCAB, MAX_PROMPT, MAX_ANSWER, ROWS = 4096, 64, 64, 2000
-SYLLABLES = ("ka lo mi ne ru sa ti vo pe da gu fi ze ho ja ly qu be ro na wi te cu mo xi "
-             "sha tri ble gra por ven dul kes mar fen").split()
+SYLLABLES = (
+    "ka lo mi ne ru sa ti vo pe da gu fi ze ho ja ly qu be ro na wi te cu mo xi sha tri ble gra por ven dul kes mar fen"
+).split()
 
 
 def lexicon(rng: random.Random, n: int = 6000) -> list[str]:
@@ -96,18 +98,30 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     # The issue's limits: prompts <= 64 tokens, answers (with eos) <= 64. Rows beyond them are dropped and counted.
     n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    keep = [i for i, r in enumerate(records)
-            if n_tok(r["prompt"]) <= MAX_PROMPT and max(n_tok(r["chosen"]), n_tok(r["rejected"])) < MAX_ANSWER]
+    keep = [
+        i
+        for i, r in enumerate(records)
+        if n_tok(r["prompt"]) <= MAX_PROMPT and max(n_tok(r["chosen"]), n_tok(r["rejected"])) < MAX_ANSWER
+    ]
     with open(out / "hh.jsonl", "w") as f:
         f.writelines(json.dumps(rows[i]) + "\n" for i in keep)
     with open(out / "records.jsonl", "w") as f:
         f.writelines(json.dumps({k: records[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n" for i in keep)
 
     torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=len(tok), max_position_embeddings=MAX_PROMPT + MAX_ANSWER + 2,
-                    word_embed_proj_dim=SIZES[size]["hidden_size"], dropout=0.0, attention_dropout=0.0,
-                    activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SIZES[size])
+    cfg = OPTConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=MAX_PROMPT + MAX_ANSWER + 2,
+        word_embed_proj_dim=SIZES[size]["hidden_size"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **SIZES[size],
+    )
     policy = OPTForCausalLM(cfg)
     policy.save_pretrained(out / "policy")
     tok.save_pretrained(out / "policy")
@@ -125,9 +139,21 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     embed = policy.get_input_embeddings().weight.numel() + policy.model.decoder.embed_positions.weight.numel()
     total = sum(p.numel() for p in policy.parameters())
     prompt_tokens = [n_tok(records[i]["prompt"]) for i in keep]
-    meta = {"version": VERSION, "size": size, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens), **SIZES[size], "vocab": len(tok), "params": total, "non_embedding_params": total - embed,
-            "rows": len(rows), "kept": len(keep), "dropped_over_token_limits": len(rows) - len(keep),
-            "max_prompt_tokens": MAX_PROMPT, "max_answer_tokens": MAX_ANSWER, "seed": seed}
+    meta = {
+        "version": VERSION,
+        "size": size,
+        "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
+        **SIZES[size],
+        "vocab": len(tok),
+        "params": total,
+        "non_embedding_params": total - embed,
+        "rows": len(rows),
+        "kept": len(keep),
+        "dropped_over_token_limits": len(rows) - len(keep),
+        "max_prompt_tokens": MAX_PROMPT,
+        "max_answer_tokens": MAX_ANSWER,
+        "seed": seed,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -1,6 +1,7 @@
 """The shared data layer: normalizers into one record schema, blends with per-stage splits, and one
 LightningDataModule per stage. ``sources``, ``blend``, ``collate`` and ``synthetic`` import no lightning;
 the DataModules are loaded lazily so importing the normalizers stays light."""
+
 from datamodules import sources, synthetic  # noqa: F401  (registers the sources)
 from datamodules.blend import Blend, SourceSpec
 

@@ -5,6 +5,7 @@ an SFT part, a reward part and a PPO part (plus a held-out eval part), so no sta
 stage's rows. Numpy's PCG64 generator makes the split the same on every machine for the same seed.
 Pure Python/numpy: no lightning, deepspeed or wandb.
 """
+
 from __future__ import annotations
 
 import zlib

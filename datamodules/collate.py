@@ -4,6 +4,7 @@ Encoders return token-id lists (never max-length padded tensors); collate functi
 Conversations are rendered by :class:`rlhf_lit.chat_format.ChatFormat`: the tokenizer's chat template
 when it has one (BOS by the template, replies closed by its end-of-turn token), the HH text otherwise.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,8 +21,9 @@ def prompt_of(record: dict):
     return record.get("messages") or record["prompt"]
 
 
-def encode_sft(tok, records: list[dict], max_len: int, mask_prompt: bool = True,
-               all_assistant_turns: bool = False) -> tuple[list[dict], Counter]:
+def encode_sft(
+    tok, records: list[dict], max_len: int, mask_prompt: bool = True, all_assistant_turns: bool = False
+) -> tuple[list[dict], Counter]:
     """prompt + response + end-of-turn (eos in HH mode), right-truncated to ``max_len``; ``loss_mask`` is 0
     on prompt tokens when ``mask_prompt`` (InstructGPT) and 1 everywhere when not (DeepSpeed-Chat trains
     on the whole text). ``all_assistant_turns``: the loss covers every assistant turn of a multi-turn
@@ -30,12 +32,19 @@ def encode_sft(tok, records: list[dict], max_len: int, mask_prompt: bool = True,
     out, dropped = [], Counter()
     fmt = ChatFormat(tok)
     if all_assistant_turns:
-        convs = [fmt.conversation_ids(to_messages(prompt_of(r)) + [{"role": "assistant", "content": r["response"]}])
-                 for r in records]
+        convs = [
+            fmt.conversation_ids(to_messages(prompt_of(r)) + [{"role": "assistant", "content": r["response"]}])
+            for r in records
+        ]
         seqs = [(ids, m if mask_prompt else [1] * len(ids)) for ids, m in convs]
     else:
-        prompts, responses = fmt.prompt_ids([prompt_of(r) for r in records]), fmt.response_ids([r["response"] for r in records])
-        seqs = [(p + r, ([0] * len(p) if mask_prompt else [1] * len(p)) + [1] * len(r)) for p, r in zip(prompts, responses)]
+        prompts, responses = (
+            fmt.prompt_ids([prompt_of(r) for r in records]),
+            fmt.response_ids([r["response"] for r in records]),
+        )
+        seqs = [
+            (p + r, ([0] * len(p) if mask_prompt else [1] * len(p)) + [1] * len(r)) for p, r in zip(prompts, responses)
+        ]
     for ids, loss_mask in seqs:
         ids, loss_mask = ids[:max_len], loss_mask[:max_len]
         if not any(loss_mask):
@@ -69,10 +78,14 @@ def pack_sft(items: list[dict], max_len: int, seed: int = 0) -> list[dict]:
         room[j] -= n
     out = []
     for row in rows:
-        out.append({"input_ids": [t for x in row for t in x["input_ids"]],
-                    "loss_mask": [m if k else 0 for x in row for k, m in enumerate(x["loss_mask"])],
-                    "position_ids": [k for x in row for k in range(len(x["input_ids"]))],
-                    "segments": [s + 1 for s, x in enumerate(row) for _ in x["input_ids"]]})
+        out.append(
+            {
+                "input_ids": [t for x in row for t in x["input_ids"]],
+                "loss_mask": [m if k else 0 for x in row for k, m in enumerate(x["loss_mask"])],
+                "position_ids": [k for x in row for k in range(len(x["input_ids"]))],
+                "segments": [s + 1 for s, x in enumerate(row) for _ in x["input_ids"]],
+            }
+        )
     return out
 
 

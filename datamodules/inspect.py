@@ -1,4 +1,5 @@
 """``rlhf-lit data inspect``: read one source and report rows, records kept, drops by reason, examples."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def main(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
-    print(f"source {a.source}: {result.rows} rows read, {result.kept} records kept, "
-          f"{sum(result.dropped.values())} dropped")
+    print(
+        f"source {a.source}: {result.rows} rows read, {result.kept} records kept, "
+        f"{sum(result.dropped.values())} dropped"
+    )
     for reason, n in sorted(result.dropped.items()):
         print(f"  dropped {n:>6}  {reason}")
     for ex in report["examples"]:

@@ -3,13 +3,14 @@
 Each yields ``(where, row)`` pairs, ``where`` being "FILE:LINE" (or "FILE row N") so any error about
 a row can name it. Pure Python + datasets/pyarrow: no lightning, deepspeed or wandb.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from rlhf_lit.errors import InputError
 from rlhf_lit.hub import require_hub

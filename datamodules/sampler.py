@@ -4,9 +4,11 @@ The order of epoch e is a permutation drawn from (seed, e), so it does not depen
 this process has seen; after a restart the first ``skip`` samples of the resumed epoch are left out,
 so training continues with exactly the batches an uninterrupted run would have seen next.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
@@ -19,8 +21,9 @@ class ResumableSampler(Sampler[int]):
 
     BUCKET_WINDOW = 50
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, lengths: Optional[list] = None,
-                 batch_size: int = 1) -> None:
+    def __init__(
+        self, n: int, seed: int = 0, shuffle: bool = True, lengths: Optional[list] = None, batch_size: int = 1
+    ) -> None:
         self.n, self.seed, self.shuffle, self.lengths, self.batch_size = n, seed, shuffle, lengths, batch_size
         self.epoch, self.skip_epoch, self.skip = 0, -1, 0
 
@@ -44,7 +47,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
-        return iter(order[self.skip:] if self.epoch == self.skip_epoch else order)
+        return iter(order[self.skip :] if self.epoch == self.skip_epoch else order)
 
     def __len__(self) -> int:
         # The whole epoch's length even while skipping: Lightning's restored batch counter already
@@ -52,8 +55,9 @@ class ResumableSampler(Sampler[int]):
         return self.n
 
 
-def bucketed(order: list[int], lengths: list, batch_size: int, g: torch.Generator,
-             window: int = ResumableSampler.BUCKET_WINDOW) -> list[int]:
+def bucketed(
+    order: list[int], lengths: list, batch_size: int, g: torch.Generator, window: int = ResumableSampler.BUCKET_WINDOW
+) -> list[int]:
     """Length-bucketed batches from a shuffled ``order`` (see ResumableSampler); every index kept once.
     ``lengths`` are sort keys: numbers, or tuples compared in order."""
     batches = []

@@ -10,13 +10,15 @@ function ``row -> record`` that raises :class:`Drop` for rows the data says to s
 reason) and :class:`~datamodules.readers.BadRow` for invalid input (an error unless skipping).
 Pure Python: no lightning, deepspeed or wandb.
 """
+
 from __future__ import annotations
 
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 from datamodules.readers import BadRow, DataError, read_hub, read_rows
 from rlhf_lit.chat_format import hh_text
@@ -98,7 +100,7 @@ def split_hh(chosen: str, rejected: str) -> dict:
     if cut < 0:
         raise Drop("no_shared_assistant_turn")
     prompt = chosen[: cut + len(ASSISTANT)]
-    c, r = chosen[len(prompt):], rejected[len(prompt):]
+    c, r = chosen[len(prompt) :], rejected[len(prompt) :]
     # If a "Human:" turn follows, the two dialogues diverged before the final reply: their
     # histories differ and there is no single prompt (seen in the real harmless-base data).
     if re.search(r"\n\s*Human:", c) or re.search(r"\n\s*Human:", r):
@@ -158,7 +160,8 @@ def tldr() -> Normalizer:
 
 @register("comparisons")
 def comparisons() -> Normalizer:
-    """OpenAI summarize-from-feedback comparisons: nested (info/summaries/choice) or CarperAI (prompt/chosen/rejected)."""
+    """OpenAI summarize-from-feedback comparisons: nested (info/summaries/choice) or CarperAI
+    (prompt/chosen/rejected)."""
 
     def norm(row):
         if "info" not in row:
@@ -214,8 +217,10 @@ def conversation(row: dict, name: str) -> list[dict]:
         raise BadRow(f"wrong_type:{name}", f"field {name!r} should be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRow(f"wrong_value:{name}", f"field {name!r} message {i} should be {{role: {'/'.join(ROLES)}, "
-                                                 f"content: string}}, got {str(m)[:80]}")
+            raise BadRow(
+                f"wrong_value:{name}",
+                f"field {name!r} message {i} should be {{role: {'/'.join(ROLES)}, content: string}}, got {str(m)[:80]}",
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -246,8 +251,10 @@ def generic(fields: Optional[dict[str, str]] = None, template: str = "{prompt}")
     fields = fields or {"prompt": "prompt", "response": "response"}
     unknown = set(fields) - {"prompt", "response", "chosen", "rejected", "margin", "messages"}
     if unknown or not {"prompt", "messages"} & set(fields):
-        raise DataError("json source: 'fields' must map 'prompt' or 'messages' and any of response/chosen/rejected/margin; "
-                        f"got {sorted(fields)}")
+        raise DataError(
+            "json source: 'fields' must map 'prompt' or 'messages' and any of response/chosen/rejected/margin; "
+            f"got {sorted(fields)}"
+        )
 
     def norm(row):
         rec: dict = {}

@@ -4,6 +4,7 @@ Each owns the tokenizer spec (a stage module reads ``trainer.datamodule.tokenize
 stage's part of the blend once in ``setup`` (id lists, padded per batch) and reports rows kept and
 dropped by reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,10 +92,21 @@ class StageDataModule(L.LightningDataModule):
         self.eval_items, eval_dropped = self.encode(self.eval_records)
         self.dropped = dropped + eval_dropped
         if not self.train_items:
-            raise ValueError(f"{type(self).__name__}: the blend gives no {self.stage!r} training records; "
-                             f"check the sources and the split {self.blend.split}")
-        rank_zero_info(json.dumps({"data": self.blend.report(), "stage": self.stage, "train": len(self.train_items),
-                                   "eval": len(self.eval_items), "dropped_when_encoding": dict(self.dropped)}))
+            raise ValueError(
+                f"{type(self).__name__}: the blend gives no {self.stage!r} training records; "
+                f"check the sources and the split {self.blend.split}"
+            )
+        rank_zero_info(
+            json.dumps(
+                {
+                    "data": self.blend.report(),
+                    "stage": self.stage,
+                    "train": len(self.train_items),
+                    "eval": len(self.eval_items),
+                    "dropped_when_encoding": dict(self.dropped),
+                }
+            )
+        )
 
     def _sampler(self, n: int, batch_size: int, seed: int, shuffle: bool = True, items=None) -> ResumableSampler:
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -106,8 +118,14 @@ class StageDataModule(L.LightningDataModule):
         return sampler
 
     def _loader(self, items, batch_size, shuffle):
-        return DataLoader(items, batch_size=batch_size, sampler=self._sampler(len(items), batch_size, self.seed, shuffle, items),
-                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+        return DataLoader(
+            items,
+            batch_size=batch_size,
+            sampler=self._sampler(len(items), batch_size, self.seed, shuffle, items),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
 
     def train_dataloader(self):
         return self._loader(self.train_items, self.batch_size, shuffle=True)
@@ -136,8 +154,9 @@ class SFTDataModule(StageDataModule):
 
     stage = "sft"
 
-    def __init__(self, *args, mask_prompt: bool = True, pack: bool = False, all_assistant_turns: bool = False,
-                 **kwargs) -> None:
+    def __init__(
+        self, *args, mask_prompt: bool = True, pack: bool = False, all_assistant_turns: bool = False, **kwargs
+    ) -> None:
         """Args:
         mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
         all_assistant_turns: in multi-turn rows (HH dialogues, ``messages``), train on every assistant
@@ -151,7 +170,9 @@ class SFTDataModule(StageDataModule):
         self.mask_prompt, self.pack, self.all_assistant_turns = mask_prompt, pack, all_assistant_turns
 
     def encode(self, records):
-        items, dropped = C.encode_sft(self.tokenizer, records, self.max_seq_len, self.mask_prompt, self.all_assistant_turns)
+        items, dropped = C.encode_sft(
+            self.tokenizer, records, self.max_seq_len, self.mask_prompt, self.all_assistant_turns
+        )
         return (C.pack_sft(items, self.max_seq_len, self.seed) if self.pack else items), dropped
 
     def collate(self, items):
@@ -182,8 +203,14 @@ class PromptDataModule(StageDataModule):
 
     stage = "ppo"
 
-    def __init__(self, *args, max_prompt_len: int = 256, ptx_blend: Optional[Blend] = None,
-                 ptx_batch_size: Optional[int] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        max_prompt_len: int = 256,
+        ptx_blend: Optional[Blend] = None,
+        ptx_batch_size: Optional[int] = None,
+        **kwargs,
+    ) -> None:
         """Args:
         max_prompt_len: prompts are cut from the left to this many tokens.
         ptx_blend: SFT-style data whose language-model loss is mixed into the actor's (InstructGPT's PPO-ptx).
@@ -219,7 +246,10 @@ class PromptDataModule(StageDataModule):
         # Repeat the ptx data so it lasts as long as the prompts: the prompts define the epoch.
         need = len(prompts) * self.ptx_batch_size
         items = self.ptx_items * (need // len(self.ptx_items) + 1)
-        ptx = DataLoader(items, batch_size=self.ptx_batch_size,
-                         sampler=self._sampler(len(items), self.ptx_batch_size, self.seed + 1),
-                         collate_fn=partial(C.collate_sft, pad_id=self.tokenizer.pad_token_id))
+        ptx = DataLoader(
+            items,
+            batch_size=self.ptx_batch_size,
+            sampler=self._sampler(len(items), self.ptx_batch_size, self.seed + 1),
+            collate_fn=partial(C.collate_sft, pad_id=self.tokenizer.pad_token_id),
+        )
         return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")

@@ -11,11 +11,12 @@ Three instruction kinds, each scored out of 3 by several components (so length a
 - shout:  "Reply in capitals: hello." -> the same word, in capitals
 Every response also loses 0.25 per word beyond 12 (rambling).
 """
+
 from __future__ import annotations
 
 import random
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from datamodules.sources import GENERATORS, HH_TEMPLATE
 

@@ -1,4 +1,5 @@
 """One LightningModule per RLHF stage."""
+
 from modules.ppo import PPOModule
 from modules.reward import RewardModule
 from modules.sft import SFTModule

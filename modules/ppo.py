@@ -1,5 +1,6 @@
 """Stage 3: PPO of the actor against a reward source, with a critic, a frozen reference, a KL penalty,
 an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed-Chat step 3)."""
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,17 @@ from rlhf_lit import losses, ppo
 from rlhf_lit.estimators import GAE, AdvantageEstimator
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL, KLController
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, gathered, has_dropout, lm_inputs, merged, set_dropout
+from rlhf_lit.models import (
+    LoRA,
+    ModelSpec,
+    apply_lora,
+    enable_checkpointing,
+    gathered,
+    has_dropout,
+    lm_inputs,
+    merged,
+    set_dropout,
+)
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, param_groups
 from rlhf_lit.rewards import RewardSource
@@ -79,8 +90,10 @@ class PPOModule(StageModule):
         self.advantage = advantage or GAE()
         self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
         if self.advantage.needs_critic and critic is None and not value_head_on_actor:
-            raise ValueError(f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
-                             "export) or value_head_on_actor: true")
+            raise ValueError(
+                f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
+                "export) or value_head_on_actor: true"
+            )
         self.value_head_on_actor = value_head_on_actor and self.advantage.needs_critic
         self.samples_every, self.dropout = samples_every, dropout
         self.ac = self.ref = self.ema = None
@@ -110,7 +123,9 @@ class PPOModule(StageModule):
             source.build(self.tokenizer)
             source.eval().requires_grad_(False)
         if self.algo.ema_beta is not None:  # built like the actor (partitioned under ZeRO-3), then copied
-            self.ema = apply_lora(self.actor_spec.build_causal_lm(self.tokenizer), self.lora).eval().requires_grad_(False)
+            self.ema = (
+                apply_lora(self.actor_spec.build_causal_lm(self.tokenizer), self.lora).eval().requires_grad_(False)
+            )
             self.update_ema(beta=0.0)
         # Actor and critic train, frozen models stay in eval (from_pretrained returns eval mode and
         # Lightning does not switch it; #13). Lightning warns about every eval-mode module at fit start:
@@ -145,8 +160,18 @@ class PPOModule(StageModule):
         if k > 1:  # group estimators: k samples of every prompt, adjacent rows
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             prompts = [p for p in prompts for _ in range(k)]
-        return make_rollout(self.ac, self.ref, self.reward, self.tokenizer, ids, mask, prompts, self.gen,
-                            ref_from_adapters=self.lora is not None, score_policy=score_policy)
+        return make_rollout(
+            self.ac,
+            self.ref,
+            self.reward,
+            self.tokenizer,
+            ids,
+            mask,
+            prompts,
+            self.gen,
+            ref_from_adapters=self.lora is not None,
+            score_policy=score_policy,
+        )
 
     def rewards(self, ro: Rollout):
         """Clipped (and eos-penalised) scores plus the per-token KL penalty. Returns (B, R) and stats."""
@@ -155,8 +180,9 @@ class PPOModule(StageModule):
             scores = scores - self.algo.missing_eos_penalty * (~ro.ended).float()
         if self.algo.score_clip is not None:
             scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
-        rewards, stats = ppo.shaped_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl.value,
-                                            self.algo.kl_estimator)
+        rewards, stats = ppo.shaped_rewards(
+            scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl.value, self.algo.kl_estimator
+        )
         if self.algo.whiten_rewards:
             rewards = ppo.whiten(rewards, ro.mask, shift_mean=False, sum_fn=self.sum_over_ranks)
         return rewards, stats
@@ -182,15 +208,21 @@ class PPOModule(StageModule):
         if a.entropy_coef:
             loss = loss - a.entropy_coef * masked_mean(entropy, mask)
         if ptx is not None and a.ptx_coef:
-            logits = self.ac.policy(**lm_inputs(self.ac.policy, ptx["input_ids"], ptx["attention_mask"]), use_cache=False).logits
+            logits = self.ac.policy(
+                **lm_inputs(self.ac.policy, ptx["input_ids"], ptx["attention_mask"]), use_cache=False
+            ).logits
             ptx_loss, _ = losses.sft_loss(logits, ptx["input_ids"], ptx["loss_mask"])
             loss, stats["ptx_loss"] = loss + a.ptx_coef * ptx_loss, ptx_loss.detach()
         return loss, stats
 
     def training_step(self, batch, batch_idx):
         prompts, ptx = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)
-        fused = self.algo.fuse_first_forward and self.algo.ppo_epochs == 1 and self.algo.num_minibatches == 1 \
+        fused = (
+            self.algo.fuse_first_forward
+            and self.algo.ppo_epochs == 1
+            and self.algo.num_minibatches == 1
             and not has_dropout(self.ac)
+        )
         ro = self.rollout(prompts, score_policy=not fused)
         t0, out = time.perf_counter(), None
         if fused:  # the old log-probs/values are the training forward's, detached (one pass instead of two)
@@ -219,15 +251,20 @@ class PPOModule(StageModule):
                 self.update_ema()
                 per_step.append(stats)
         # Every rank must hold the same beta: the controller sees the KL averaged over ranks.
-        kl = self.trainer.strategy.reduce(kl_stats["kl"], reduce_op="mean") if self.trainer.world_size > 1 else kl_stats["kl"]
+        kl = (
+            self.trainer.strategy.reduce(kl_stats["kl"], reduce_op="mean")
+            if self.trainer.world_size > 1
+            else kl_stats["kl"]
+        )
         self.kl.update(float(kl), n * self.trainer.world_size)
 
         self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}
         if self.logging_step():
             self.log_step(ro, kl_stats, per_step, skipped, self.timing)
         if self.samples_every and batch_idx % self.samples_every == 0:
-            self.samples = [{"prompt": p, "response": r, "score": float(s)}
-                            for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
+            self.samples = [
+                {"prompt": p, "response": r, "score": float(s)} for p, r, s in zip(ro.prompts, ro.responses, ro.scores)
+            ]
 
     def clip_per_model(self) -> dict:
         """Clip the actor's and the critic's gradients each to its own norm; returns their norms before
@@ -239,8 +276,10 @@ class PPOModule(StageModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         out = {}
-        for name, module, limit in (("actor", self.ac.policy, self.algo.actor_max_grad_norm),
-                                    ("critic", self.ac.critic or self.ac.value_head, self.algo.critic_max_grad_norm)):
+        for name, module, limit in (
+            ("actor", self.ac.policy, self.algo.actor_max_grad_norm),
+            ("critic", self.ac.critic or self.ac.value_head, self.algo.critic_max_grad_norm),
+        ):
             params = [p for p in module.parameters() if p.grad is not None] if module is not None else []
             if params:
                 norm = torch.nn.utils.clip_grad_norm_(params, limit * scale if limit else float("inf"))
@@ -285,7 +324,9 @@ class PPOModule(StageModule):
         if getattr(self.reward, "truncated", None) is not None:  # rows the reward model's own tokenizer cut
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
-            logs["objective/monitor_scores"] = self.monitor(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask).mean()
+            logs["objective/monitor_scores"] = self.monitor(
+                ro.prompts, ro.responses, ro.input_ids, ro.attention_mask
+            ).mean()
         for key in per_step[0] if per_step else []:
             logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
         self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))
@@ -302,7 +343,7 @@ class PPOModule(StageModule):
             self.kl.load_state_dict(checkpoint["kl_controller"])
 
     def export_models(self):
-        save = lambda m: (lambda out: merged(m).save_pretrained(out, safe_serialization=True))  # noqa: E731
+        save = lambda m: lambda out: merged(m).save_pretrained(out, safe_serialization=True)  # noqa: E731
         out = {"actor": save(self.ac.policy)}
         if self.ema is not None:
             out["actor_ema"] = save(self.ema)

@@ -1,11 +1,13 @@
 """Stage 2: a reward model trained on preference pairs (Bradley-Terry), scored at the last attended token."""
+
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
-from torch import nn
 from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lit import losses
@@ -79,8 +81,9 @@ class RewardModule(StageModule):
             scores = values.gather(1, last_attended_index(mask).unsqueeze(1)).squeeze(1)
         chosen, rejected = scores[:b], scores[b:]
         if self.loss_type == "divergent_suffix":
-            loss, stats = losses.divergent_suffix_loss(values[:b], values[b:], ids[:b], ids[b:], mask[:b], mask[b:],
-                                                       chosen, rejected)
+            loss, stats = losses.divergent_suffix_loss(
+                values[:b], values[b:], ids[:b], ids[b:], mask[:b], mask[b:], chosen, rejected
+            )
         else:
             loss, stats = losses.pairwise_loss(chosen, rejected, batch.get("margin"), self.center_coef)
         return loss, stats, scores.detach()
@@ -129,7 +132,22 @@ class RewardModule(StageModule):
         if n:
             self.log_dict({f"rm/{k}_epoch": v / n for k, v in sums.items()}, sync_dist=True)
 
+    def export_tokenizer(self):
+        """Where pad equals eos, the export pads with unk instead: transformers' classifiers find the last
+        token as the last one that is not pad, so a reply ending with eos would be read one token early
+        by ``pipeline("text-classification")`` and RewardBench. rlhf-lit masks padding either way."""
+        tok = self.tokenizer
+        if tok.pad_token_id != tok.eos_token_id or tok.unk_token is None or tok.unk_token_id == tok.eos_token_id:
+            return tok
+        tok = copy.deepcopy(tok)
+        tok.pad_token = tok.unk_token
+        return tok
+
     def export_models(self):
-        meta = {**self.val_stats, "score_stats_from": "val"} if self.val_stats else \
-            {**self.train_stats, "score_stats_from": "train"}
-        return {"": lambda out: self.model.save_pretrained(out, meta=meta)}
+        meta = (
+            {**self.val_stats, "score_stats_from": "val"}
+            if self.val_stats
+            else {**self.train_stats, "score_stats_from": "train"}
+        )
+        pad = self.export_tokenizer().pad_token_id
+        return {"": lambda out: self.model.save_pretrained(out, meta={**meta, "pad_token_id": pad})}

@@ -1,4 +1,5 @@
 """Stage 1: supervised fine-tuning of the policy on prompt -> response demonstrations."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,6 @@ from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
-
 
 # Families whose attention honours a 4D block-diagonal mask with restarting position_ids (checked in
 # tests/test_perf_options.py); BLOOM (ALiBi from the 2D mask), GPT-J, GPT-Neo and CodeGen do not.
@@ -59,8 +59,10 @@ class SFTModule(StageModule):
                 enable_checkpointing(model)
             packed = self._trainer is not None and getattr(self.trainer.datamodule, "pack", False)
             if packed and model.config.model_type not in PACKABLE:
-                raise ValueError(f"data.pack needs a model family that takes 4D attention masks and position_ids "
-                                 f"({', '.join(PACKABLE)}); {model.config.model_type!r} does not: set pack: false")
+                raise ValueError(
+                    f"data.pack needs a model family that takes 4D attention masks and position_ids "
+                    f"({', '.join(PACKABLE)}); {model.config.model_type!r} does not: set pack: false"
+                )
             # from_pretrained returns eval mode and Lightning does not switch it: without this, dropout and
             # gradient checkpointing would be silently off for a pretrained model (issue #13).
             self.model = apply_lora(model, self.lora).train()
@@ -75,7 +77,9 @@ class SFTModule(StageModule):
         return self.model(**kw, use_cache=False).logits
 
     def step(self, batch):
-        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("attention_mask_4d"))
+        logits = self(
+            batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("attention_mask_4d")
+        )
         return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
@@ -102,9 +106,17 @@ class SFTModule(StageModule):
         if not records:
             return {}
         refs = [r["response"] for r in records]
-        texts, _ = generate_texts(self.model, self.tokenizer, [r.get("messages") or r["prompt"] for r in records], self.generation,
-                                  self.trainer.datamodule.eval_batch_size, device=self.device)
-        self.samples = [{"prompt": r["prompt"], "generation": t, "reference": ref} for r, t, ref in zip(records, texts, refs)]
+        texts, _ = generate_texts(
+            self.model,
+            self.tokenizer,
+            [r.get("messages") or r["prompt"] for r in records],
+            self.generation,
+            self.trainer.datamodule.eval_batch_size,
+            device=self.device,
+        )
+        self.samples = [
+            {"prompt": r["prompt"], "generation": t, "reference": ref} for r, t, ref in zip(records, texts, refs)
+        ]
         scores = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))(texts, refs)
         return {k.replace("_fmeasure", ""): float(v) for k, v in scores.items() if k.endswith("_fmeasure")}
 

@@ -1,4 +1,5 @@
 """Callbacks: the Hugging Face export at the end of fit, and sample tables for W&B (or JSONL)."""
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ class SampleTable(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 cols = list(rows[0])
-                logger.log_table(key=key, columns=cols, data=[[r[c] for c in cols] for r in rows], step=trainer.global_step)
+                logger.log_table(
+                    key=key, columns=cols, data=[[r[c] for c in cols] for r in rows], step=trainer.global_step
+                )
                 return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +128,13 @@ class NonFiniteGuard(L.Callback):
             trainer.save_checkpoint(self.checkpoint)
         for p in params:
             p.grad = None  # torch optimizers skip parameters without a gradient
-        rank_zero_warn(f"non-finite gradient at step {trainer.global_step}: update skipped "
-                       f"({self.in_row} in a row, {self.total} in total)")
+        rank_zero_warn(
+            f"non-finite gradient at step {trainer.global_step}: update skipped "
+            f"({self.in_row} in a row, {self.total} in total)"
+        )
         pl_module.log("train/nonfinite_steps", float(self.total))
         if self.in_row >= self.max_in_row:
-            raise NonFiniteError(f"{self.in_row} optimizer steps in a row had non-finite gradients (step "
-                                 f"{trainer.global_step}); the weights from before are in {self.checkpoint}")
+            raise NonFiniteError(
+                f"{self.in_row} optimizer steps in a row had non-finite gradients (step "
+                f"{trainer.global_step}); the weights from before are in {self.checkpoint}"
+            )

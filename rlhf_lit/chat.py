@@ -6,6 +6,7 @@ template when its tokenizer has one (stopping at its end-of-turn token), in the 
 Type ``clear`` to start over and ``quit`` to leave. When standard input is not a terminal, each line is
 one user turn, so a scripted conversation can be piped in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ def reply(model, tok, history: list[dict], gen: GenerationConfig, max_context: i
 
 def main(argv: list[str]) -> int:
     # A chat session's few flags; argparse is the right size for an interactive tool.
-    p = argparse.ArgumentParser(prog="rlhf-lit chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rlhf-lit chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="exported model directory (e.g. RUN_DIR/ppo/export/actor)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -33,16 +36,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--max-context", type=int, default=512, help="keep at most this many tokens of history")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat-template", default="auto",
-                   help="'auto' (the tokenizer's template, else HH text), 'hh', or a Jinja template file")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        help="'auto' (the tokenizer's template, else HH text), 'hh', or a Jinja template file",
+    )
     p.add_argument("--system", help="a system message opening the conversation")
     a = p.parse_args(argv)
     try:
         from rlhf_lit.evaluate import load_policy
 
         model, tok = load_policy(a.model, a.chat_template)
-        gen = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=not a.greedy, temperature=a.temperature,
-                               top_k=a.top_k, top_p=a.top_p)
+        gen = GenerationConfig(
+            max_new_tokens=a.max_new_tokens,
+            do_sample=not a.greedy,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+        )
     except (HubUnavailable, ValueError, OSError, ImportError) as e:
         print(f"rlhf-lit chat: error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ Records keep their prompt as HH text (``"\\n\\nHuman: ...\\n\\nAssistant:"``, wh
 and, where the source has them, ``messages`` (a list of ``{role, content}``); :func:`to_messages`
 turns either into the conversation that is rendered. Pure Python + a tokenizer: no lightning.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,9 @@ def apply_chat_template_option(tok, option: str, where: str):
         return tok
     path = Path(option).expanduser()
     if not path.is_file():
-        raise ChatTemplateError(f"chat_template {option!r} ({where}): use 'auto', 'hh' or the path of a Jinja template file")
+        raise ChatTemplateError(
+            f"chat_template {option!r} ({where}): use 'auto', 'hh' or the path of a Jinja template file"
+        )
     tok.chat_template = path.read_text()
     return tok
 
@@ -91,14 +94,16 @@ class ChatFormat:
             return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # jinja raises its own types (e.g. a template's raise_exception)
             name = getattr(self.tok, "name_or_path", "") or "tokenizer"
-            raise ChatTemplateError(f"chat template of {name!r} cannot render {[m.get('role') for m in messages]}: "
-                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise ChatTemplateError(
+                f"chat template of {name!r} cannot render {[m.get('role') for m in messages]}: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
 
     def _template_end_of_turn(self) -> int:
         """The first special token the template writes after an assistant message's content."""
         marker = "rlhf-lit-end-marker"
         text = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], False)
-        after = text[text.rfind(marker) + len(marker):]
+        after = text[text.rfind(marker) + len(marker) :]
         special = set(self.tok.all_special_ids) | {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
         for i in self.tok(after, add_special_tokens=False)["input_ids"]:
             if i in special:
@@ -113,7 +118,9 @@ class ChatFormat:
     def prompt_text(self, prompt: Prompt) -> str:
         """The text the model continues: the conversation with the assistant's turn opened."""
         messages = to_messages(prompt)
-        return self._render(messages, True) if self.template else hh_text(messages) if isinstance(prompt, list) else prompt
+        return (
+            self._render(messages, True) if self.template else hh_text(messages) if isinstance(prompt, list) else prompt
+        )
 
     def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         """Token ids of each prompt (BOS included by the tokenizer's convention)."""
@@ -159,4 +166,3 @@ class ChatFormat:
             while mask and not mask[-1]:  # nothing to learn after the last reply's end-of-turn
                 ids, mask = ids[:-1], mask[:-1]
         return self.bos + ids, [0] * len(self.bos) + mask
-

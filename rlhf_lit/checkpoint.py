@@ -5,6 +5,7 @@ truncated ``last.ckpt`` that the next run cannot load. A rename is atomic on POS
 old checkpoint stays intact until the new one is complete. (DeepSpeed writes its own checkpoint
 directories and does not use this plugin.)
 """
+
 from __future__ import annotations
 
 import os

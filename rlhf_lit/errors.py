@@ -1,4 +1,5 @@
 """The one base class of the user-input errors the CLI reports in one line (no traceback)."""
+
 from __future__ import annotations
 
 

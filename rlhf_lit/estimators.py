@@ -2,6 +2,7 @@
 
 Torch only. Each turns shaped per-token rewards into per-token advantages and returns.
 """
+
 from __future__ import annotations
 
 from torch import Tensor

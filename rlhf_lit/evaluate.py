@@ -1,5 +1,6 @@
 """Evaluation of exported policies and reward models: gold and proxy rewards, KL to a reference,
 win rates, reward-model accuracy. Used by the pipeline's summary and by ``rlhf-lit evaluate``."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,26 +27,42 @@ def load_policy(path: str, chat_template: str = "auto", dtype: str = "float32"):
     return HFModel(path, dtype=dtype).build_causal_lm(tok).eval(), tok
 
 
-def sample(model, tok, prompts: list[str], gen: GenerationConfig, batch_size: int = 32, seed: int = 0,
-           max_prompt_len: int = 256):
+def sample(
+    model,
+    tok,
+    prompts: list[str],
+    gen: GenerationConfig,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_prompt_len: int = 256,
+):
     """Seeded responses to ``prompts``; see :func:`rlhf_lit.generation.generate_texts`."""
     torch.manual_seed(seed)
     return generate_texts(model, tok, prompts, gen, batch_size, max_prompt_len)
 
 
 @torch.no_grad()
-def evaluate_policy(policy: str, prompts: list[str], rewards: dict[str, RewardSource], reference: Optional[str] = None,
-                    gen: Optional[GenerationConfig] = None, batch_size: int = 32, seed: int = 0, examples: int = 3) -> dict:
+def evaluate_policy(
+    policy: str,
+    prompts: list[str],
+    rewards: dict[str, RewardSource],
+    reference: Optional[str] = None,
+    gen: Optional[GenerationConfig] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    examples: int = 3,
+    chat_template: str = "auto",
+) -> dict:
     """Mean/std of each reward source over sampled responses, response length, and the KL (sum of
     log p_policy - log p_ref over response tokens, averaged over prompts) when a reference is given."""
     gen = gen or GenerationConfig()
-    model, tok = load_policy(policy)
+    model, tok = load_policy(policy, chat_template)
     texts, batches = sample(model, tok, prompts, gen, batch_size, seed)
     out: dict = {"n": len(prompts), "response_len_mean": statistics.mean(len(tok(t)["input_ids"]) for t in texts)}
     for name, source in rewards.items():
         source.build(tok)
         scores = []
-        for (ids, mask, p, _), chunk, resp in zip(batches, _chunks(prompts, batch_size), _chunks(texts, batch_size)):
+        for (ids, mask, _, _), chunk, resp in zip(batches, _chunks(prompts, batch_size), _chunks(texts, batch_size)):
             scores += source(chunk, resp, ids, mask).tolist()
         out[f"{name}_mean"], out[f"{name}_std"] = statistics.mean(scores), statistics.pstdev(scores)
         out[f"{name}_scores"] = scores
@@ -85,15 +102,18 @@ def reward_accuracy(reward_dir: str, pairs: list[dict], gold: Optional[str] = No
         seqs = [p + c for k in ("chosen", "rejected") for p, c in zip(prompts, fmt.response_ids([r[k] for r in chunk]))]
         ids, mask = pad_sequences(seqs, tok.pad_token_id)
         s = model.score(ids, mask)
-        c, r = s[: len(chunk)], s[len(chunk):]
+        c, r = s[: len(chunk)], s[len(chunk) :]
         data_hits += (c > r).tolist()
         if fn:
             for rec, sc, sr in zip(chunk, c.tolist(), r.tolist()):
                 gc, gr = fn(rec["prompt"], rec["chosen"]), fn(rec["prompt"], rec["rejected"])
                 if gc != gr:
                     gold_hits.append((sc > sr) == (gc > gr))
-    out = {"heldout_pairs": len(pairs), "heldout_accuracy_vs_labels": sum(data_hits) / max(1, len(data_hits)),
-           "heldout_accuracy_vs_labels_ci95": wilson_interval(sum(data_hits), len(data_hits))}
+    out = {
+        "heldout_pairs": len(pairs),
+        "heldout_accuracy_vs_labels": sum(data_hits) / max(1, len(data_hits)),
+        "heldout_accuracy_vs_labels_ci95": wilson_interval(sum(data_hits), len(data_hits)),
+    }
     if fn:
         out["heldout_accuracy_vs_gold"] = sum(gold_hits) / max(1, len(gold_hits))
     out["heldout_accuracy"] = out.get("heldout_accuracy_vs_gold", out["heldout_accuracy_vs_labels"])
@@ -123,6 +143,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        help="'auto' (the policy tokenizer's template, else HH text), 'hh', or a Jinja template file",
+    )
     a = p.parse_args(argv)
     try:
         prompts = read_prompts(a.prompts)[: a.n]
@@ -134,9 +159,10 @@ def main(argv: list[str]) -> int:
         if not rewards:
             raise ValueError("give --reward-model and/or --gold to score responses")
         gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature)
-        result = {"A": evaluate_policy(a.policy, prompts, rewards, a.reference, gen, seed=a.seed)}
+        kw = {"seed": a.seed, "chat_template": a.chat_template}
+        result = {"A": evaluate_policy(a.policy, prompts, rewards, a.reference, gen, **kw)}
         if a.policy_b:
-            result["B"] = evaluate_policy(a.policy_b, prompts, rewards, a.reference, gen, seed=a.seed)
+            result["B"] = evaluate_policy(a.policy_b, prompts, rewards, a.reference, gen, **kw)
             judge = "gold_reward" if a.gold else "rm_score"
             result["win_rate_a_over_b"] = win_rate(result["A"][f"{judge}_scores"], result["B"][f"{judge}_scores"])
             result["judge"] = judge

@@ -11,6 +11,7 @@ Stages before the one an experiment changes are reused from the study's base run
 (every PPO variant shares one SFT and one reward run). The comparison is written as ``results.md``
 (mean ± std over seeds) and ``reward_vs_kl.png`` in the study's output directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,15 @@ def question(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
-PIPELINE_KEYS = {"run_dir", "blend", "tokenizer", "evaluation", "reward_init_from_sft", "checkpoint_every_n_steps", *STAGES}
+PIPELINE_KEYS = {
+    "run_dir",
+    "blend",
+    "tokenizer",
+    "evaluation",
+    "reward_init_from_sft",
+    "checkpoint_every_n_steps",
+    *STAGES,
+}
 
 
 def pipeline_config(base: dict, stage: str, overlay: dict) -> dict:
@@ -103,15 +112,21 @@ def fmt(values: list[float]) -> str:
 
 
 def compare(rows: dict[str, list[dict]], questions: dict[str, str]) -> str:
-    lines = ["| experiment | question | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| experiment | question | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
     for name, summaries in rows.items():
         cells = [fmt([s[sec][key] for s in summaries if key in s.get(sec, {})]) for _, sec, key in COLUMNS]
-        lines.append(f"| {name} | {questions.get(name, 'the base recipe')} | {len(summaries)} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {questions.get(name, 'the base recipe')} | {len(summaries)} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_study(study: Path, seeds: list[int] | None = None, out: Path | None = None, only: list[str] | None = None) -> Path:
+def run_study(
+    study: Path, seeds: list[int] | None = None, out: Path | None = None, only: list[str] | None = None
+) -> Path:
     spec = yaml.safe_load((study / "study.yaml").read_text())
     seeds = seeds if seeds is not None else spec.get("seeds", [0])
     out = out or Path(spec.get("out", f"runs/studies/{study.name}"))
@@ -127,7 +142,9 @@ def run_study(study: Path, seeds: list[int] | None = None, out: Path | None = No
             cfg = pipeline_config(base, stage, yaml.safe_load(f.read_text()) or {})
             rows.setdefault(name, []).append(run_pipeline(cfg, run, seed))
     table = compare(rows, questions)
-    (out / "results.md").write_text(f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}")
+    (out / "results.md").write_text(
+        f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}"
+    )
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     plot(out, list(rows), seeds[0])
     if spec.get("results"):  # the small artefacts that are committed beside the study
@@ -152,8 +169,9 @@ def plot(out: Path, names: list[str], seed: int) -> Path:
 
 def main(argv: list[str]) -> int:
     # Three flags around a study directory; the experiments themselves are YAML configs.
-    p = argparse.ArgumentParser(prog="rlhf-lit experiments", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rlhf-lit experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("action", choices=["run"])
     p.add_argument("study", help="study directory with study.yaml, e.g. experiments/gold_task")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")

@@ -1,4 +1,5 @@
 """Sampling from a causal LM for evaluation, PPO rollouts and chat, with stop handling done once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ def response_mask(responses: Tensor, stops: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig,
-             synced_gpus: bool = False) -> tuple[Tensor, Tensor]:
+def generate(
+    model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, synced_gpus: bool = False
+) -> tuple[Tensor, Tensor]:
     """Sample responses to left-padded prompts with the KV cache.
 
     prompt_ids, prompt_mask: (B, P). Returns (responses, mask), both (B, R): tokens after a stop
@@ -84,15 +86,23 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: Gen
 
 def hf_generate(model, prompt_ids, prompt_mask, cfg: GenerationConfig, stops, pad_id, synced_gpus=False) -> Tensor:
     """Hugging Face ``generate``; returns the new tokens (B, R)."""
-    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad_id,
-              eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus)
+    kw = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        pad_token_id=pad_id,
+        eos_token_id=stops,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+    )
     if cfg.do_sample:
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)[:, prompt_ids.size(1):]
+    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)[:, prompt_ids.size(1) :]
 
 
 @torch.inference_mode()
-def kv_loop(model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, stops: list[int], pad_id: int) -> Tensor:
+def kv_loop(
+    model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, stops: list[int], pad_id: int
+) -> Tensor:
     """Sample with the KV cache, one forward per new token, until every row has stopped.
 
     What it saves over ``generate`` on small models (measured in benchmarks/): logits of the last
@@ -109,7 +119,7 @@ def kv_loop(model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfi
     stop = torch.tensor(stops, device=prompt_ids.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     out, past, tokens = None, None, []
-    for t in range(cfg.max_new_tokens):
+    for _ in range(cfg.max_new_tokens):
         out = model(**step, **cache_arg(model, past), use_cache=True, **keep)
         past = returned_cache(out)
         nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
@@ -150,13 +160,22 @@ def pick_tokens(logits: Tensor, cfg: GenerationConfig) -> Tensor:
 def decode(tokenizer, responses: Tensor, mask: Tensor, stops: Optional[list[int]] = None) -> list[str]:
     """Response texts without their stop token (eos, or the given stop ids)."""
     skip = set(stops or [tokenizer.eos_token_id])
-    return [tokenizer.decode([t for t, m in zip(r.tolist(), k.tolist()) if m and t not in skip])
-            for r, k in zip(responses, mask)]
+    return [
+        tokenizer.decode([t for t, m in zip(r.tolist(), k.tolist()) if m and t not in skip])
+        for r, k in zip(responses, mask)
+    ]
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[Prompt], cfg: GenerationConfig, batch_size: int = 32,
-                   max_prompt_len: Optional[int] = None, device=None) -> tuple[list[str], list[tuple]]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    cfg: GenerationConfig,
+    batch_size: int = 32,
+    max_prompt_len: Optional[int] = None,
+    device=None,
+) -> tuple[list[str], list[tuple]]:
     """Responses to prompts (HH text or message lists, rendered by the tokenizer's chat format), in
     batches (left-padded and cut from the left to ``max_prompt_len`` tokens). Returns the texts and, per
     batch, (ids, mask, prompt_len, response_mask) with ids/mask (B, P + R) for scoring afterwards."""
@@ -165,8 +184,9 @@ def generate_texts(model, tokenizer, prompts: list[Prompt], cfg: GenerationConfi
     stops = stop_ids(tokenizer, cfg)
     for i in range(0, len(prompts), batch_size):
         ids = fmt.prompt_ids(prompts[i : i + batch_size])
-        ids, mask = pad_sequences([x[-max_prompt_len:] if max_prompt_len else x for x in ids], tokenizer.pad_token_id,
-                                  side="left")
+        ids, mask = pad_sequences(
+            [x[-max_prompt_len:] if max_prompt_len else x for x in ids], tokenizer.pad_token_id, side="left"
+        )
         ids, mask = ids.to(device or ids.device), mask.to(device or ids.device)
         out, out_mask = generate(model, tokenizer, ids, mask, cfg)
         texts += decode(tokenizer, out, out_mask, stops)

@@ -4,6 +4,7 @@ Without a reachable hub, ``from_pretrained``/``load_dataset`` on a hub name retr
 failing with a deep traceback. We probe once (a TCP connect, a few seconds at most) and turn every
 failure into one message that says how to use a local path instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,9 @@ def is_local(name: str) -> bool:
 
 
 def offline_mode() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,6 +3,7 @@
 Each exposes ``value``, ``update(current_kl, n_steps)`` and ``state_dict``/``load_state_dict`` so a
 resumed run continues with the same beta.
 """
+
 from __future__ import annotations
 
 

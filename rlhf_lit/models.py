@@ -5,9 +5,11 @@ partition weights at construction. ``HFModel`` loads from the hub or a directory
 ``from_pretrained`` code); ``TinyModel`` builds a small random model of a given family from a config
 (offline work and tests).
 """
+
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -33,30 +35,69 @@ def _tiny_kwargs(family: str, h: int, layers: int, heads: int, ffn: int, positio
     """Config keywords of each family for the same small shape (names differ between families)."""
     head_dim = h // heads
     table = {
-        "opt": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
-                    max_position_embeddings=positions, word_embed_proj_dim=h),
+        "opt": dict(
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=ffn,
+            max_position_embeddings=positions,
+            word_embed_proj_dim=h,
+        ),
         "gpt2": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions),
         "bloom": dict(hidden_size=h, n_layer=layers, n_head=heads),
-        "gpt_neox": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-                         max_position_embeddings=positions),
+        "gpt_neox": dict(
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=positions,
+        ),
         "gptj": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions, rotary_dim=head_dim),
-        "gpt_neo": dict(hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=ffn,
-                        max_position_embeddings=positions, attention_types=[[["global"], layers]]),
-        "codegen": dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions, n_ctx=positions,
-                        rotary_dim=head_dim),
-        "llama": dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      intermediate_size=ffn, max_position_embeddings=positions),
+        "gpt_neo": dict(
+            hidden_size=h,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=positions,
+            attention_types=[[["global"], layers]],
+        ),
+        "codegen": dict(
+            n_embd=h,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=ffn,
+            n_positions=positions,
+            n_ctx=positions,
+            rotary_dim=head_dim,
+        ),
+        "llama": dict(
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=positions,
+        ),
     }
     # Modern families: grouped-query attention (2 KV heads) as the real checkpoints use it.
-    gqa = dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-               intermediate_size=ffn, max_position_embeddings=positions, head_dim=head_dim)
-    table.update({
-        "qwen2": {**gqa, "use_sliding_window": False},
-        "mistral": {**gqa, "sliding_window": None},
-        "gemma": gqa,
-        "gemma2": {**gqa, "sliding_window": positions, "query_pre_attn_scalar": head_dim},
-        "phi3": {k: v for k, v in gqa.items() if k != "head_dim"},
-    })
+    gqa = dict(
+        hidden_size=h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        intermediate_size=ffn,
+        max_position_embeddings=positions,
+        head_dim=head_dim,
+    )
+    table.update(
+        {
+            "qwen2": {**gqa, "use_sliding_window": False},
+            "mistral": {**gqa, "sliding_window": None},
+            "gemma": gqa,
+            "gemma2": {**gqa, "sliding_window": positions, "query_pre_attn_scalar": head_dim},
+            "phi3": {k: v for k, v in gqa.items() if k != "head_dim"},
+        }
+    )
     if family not in table:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(table)}")
     return table[family]
@@ -176,7 +217,11 @@ class HFModel(ModelSpec):
         kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         with hub_errors(self.path, "model"):
             model = auto_cls.from_pretrained(
-                self.path, dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code, revision=self.revision, **kw
+                self.path,
+                dtype=DTYPES[self.dtype],
+                trust_remote_code=self.trust_remote_code,
+                revision=self.revision,
+                **kw,
             )
         if self.dropout is not None:
             set_dropout(model, self.dropout)
@@ -199,9 +244,14 @@ class HFModel(ModelSpec):
             return "rlhf_lit"
         kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         with hub_errors(self.path, "model config"):
-            cfg = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, revision=self.revision, **kw)
-        return "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in cfg.architectures or []) \
+            cfg = AutoConfig.from_pretrained(
+                self.path, trust_remote_code=self.trust_remote_code, revision=self.revision, **kw
+            )
+        return (
+            "sequence_classification"
+            if any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
             else "causal"
+        )
 
     def build_classifier(self, tokenizer) -> "SequenceClassifier":
         """A ``*ForSequenceClassification`` checkpoint with one label, its score head used as is."""
@@ -209,8 +259,10 @@ class HFModel(ModelSpec):
 
         model = self._load(AutoModelForSequenceClassification, tokenizer)
         if model.config.num_labels != 1:
-            raise InputError(f"{self.path}: a reward model needs one label (a scalar score); this sequence-classification "
-                             f"checkpoint has num_labels={model.config.num_labels}")
+            raise InputError(
+                f"{self.path}: a reward model needs one label (a scalar score); this sequence-classification "
+                f"checkpoint has num_labels={model.config.num_labels}"
+            )
         return SequenceClassifier(model)
 
     def build_scalar(self, tokenizer) -> "ScalarModel":
@@ -220,10 +272,13 @@ class HFModel(ModelSpec):
             return super().build_scalar(tokenizer)
         clf = self.build_classifier(tokenizer)
         if not clf.decoder:
-            raise InputError(f"{self.path}: an encoder classifier ({clf.model.config.model_type}) has no per-token values; "
-                             "a critic needs a decoder model")
+            raise InputError(
+                f"{self.path}: an encoder classifier ({clf.model.config.model_type}) has no per-token values; "
+                "a critic needs a decoder model"
+            )
         model = ScalarModel(clf.model.base_model)
-        model.value_head.weight.data.copy_(clf.model.score.weight.data.to(model.value_head.weight.dtype))
+        with gathered([model.value_head.weight, clf.model.score.weight], modifier_rank=0):
+            model.value_head.weight.data.copy_(clf.model.score.weight.data.to(model.value_head.weight.dtype))
         model.meta = clf.meta
         return model
 
@@ -289,7 +344,9 @@ def fit_vocab(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
         if len(tokenizer) > old:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             with torch.no_grad():
-                for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                for emb in {
+                    id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
+                }.values():
                     emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -300,8 +357,13 @@ def apply_lora(model: PreTrainedModel, lora: Optional[LoRA]) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -336,7 +398,7 @@ def accepts_arg(model: nn.Module, name: str) -> bool:
     return name in _forward_params(type(base))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(cls: type) -> frozenset:
     # Once per model class: this runs in every forward (lm_inputs) and in the generation loop.
     return frozenset(inspect.signature(cls.forward).parameters)
@@ -387,7 +449,9 @@ class ScalarModel(nn.Module):
         values = self(input_ids, attention_mask)
         return values.gather(1, last_attended_index(attention_mask).unsqueeze(1)).squeeze(1)
 
-    def score_shared_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor, suffix_ids: Tensor, suffix_mask: Tensor) -> Tensor:
+    def score_shared_prompt(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, suffix_ids: Tensor, suffix_mask: Tensor
+    ) -> Tensor:
         """Scores of several responses to each prompt with the prompt run once: the prompt forward's KV
         cache is repeated for every response (gradients flow through it). Equal to scoring each whole
         sequence (tests/test_perf_options.py) with fewer tokens: a preference pair costs P + 2R, not 2(P + R).
@@ -402,17 +466,27 @@ class ScalarModel(nn.Module):
         mask = torch.cat([prompt_mask.repeat_interleave(groups, 0), suffix_mask], 1)
         kw = {"input_ids": suffix_ids, "attention_mask": mask}
         if accepts_arg(self.backbone, "position_ids"):
-            kw["position_ids"] = position_ids_from_mask(mask)[:, prompt_ids.size(1):]
+            kw["position_ids"] = position_ids_from_mask(mask)[:, prompt_ids.size(1) :]
         hidden = self.backbone(**kw, **cache_arg(self.backbone, cache), use_cache=True).last_hidden_state
         values = self.value_head(hidden).squeeze(-1).float()
         return values.gather(1, last_attended_index(suffix_mask).unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, path: str | Path, meta: Optional[dict] = None) -> None:
-        """Backbone via save_pretrained (safetensors), head beside it, ``meta`` (e.g. reward stats) as JSON."""
+        """Save as the family's ``*ForSequenceClassification`` checkpoint with one label, ``meta`` (e.g. the
+        reward stage's score_mean/score_std) in its config: TRL, RewardBench and
+        ``pipeline("text-classification")`` load it as it is, and so does rlhf-lit (critic or reward).
+        Families without such a class (CodeGen) get the backbone, ``value_head.safetensors`` and JSON meta."""
         path = Path(path)
-        self.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({"weight": self.value_head.weight.detach().contiguous().cpu()}, str(path / VALUE_HEAD_FILE))
-        (path / SCALAR_META_FILE).write_text(json.dumps({**self.meta, **(meta or {})}, indent=2))
+        meta = {**self.meta, **(meta or {})}
+        clf = as_sequence_classifier(self.backbone, self.value_head)
+        if clf is None:
+            self.backbone.save_pretrained(path, safe_serialization=True)
+            save_file({"weight": self.value_head.weight.detach().contiguous().cpu()}, str(path / VALUE_HEAD_FILE))
+            (path / SCALAR_META_FILE).write_text(json.dumps(meta, indent=2))
+            return
+        for key, value in meta.items():
+            setattr(clf.config, key, value)
+        clf.save_pretrained(path, safe_serialization=True)
 
     def load_head(self, path: str | Path) -> None:
         path = Path(path)
@@ -420,6 +494,30 @@ class ScalarModel(nn.Module):
             self.value_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"])
         meta = path / SCALAR_META_FILE
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def as_sequence_classifier(backbone: PreTrainedModel, head: nn.Linear) -> Optional[PreTrainedModel]:
+    """``backbone`` and a one-output ``head`` as the family's sequence-classification model (its ``score``
+    layer), or None where transformers has no such class or its head has another shape."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = copy.deepcopy(backbone.config)
+    cfg.num_labels, cfg.architectures = 1, None
+    try:
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the RNG stream
+            clf = AutoModelForSequenceClassification.from_config(cfg, dtype=backbone.dtype)
+    except ValueError:  # "Unrecognized configuration class": no classifier for this family
+        return None
+    score = getattr(clf, "score", None)
+    if not isinstance(score, nn.Linear) or score.weight.shape != head.weight.shape:
+        return None
+    clf.base_model.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        score.weight.copy_(head.weight.detach().to(score.weight.dtype))
+        if score.bias is not None:
+            score.bias.zero_()
+    clf.config.pad_token_id = backbone.config.pad_token_id
+    return clf
 
 
 class SequenceClassifier(nn.Module):
@@ -435,7 +533,8 @@ class SequenceClassifier(nn.Module):
         head = getattr(model, "score", None)
         self.decoder = isinstance(head, nn.Linear) and not getattr(model.config, "is_encoder_decoder", False)
         cfg = model.config
-        self.meta = {k: float(getattr(cfg, k)) for k in ("score_mean", "score_std") if getattr(cfg, k, None) is not None}
+        keys = ("score_mean", "score_std", "score_stats_from")
+        self.meta = {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
 
     @property
     def config(self):
@@ -452,7 +551,9 @@ class SequenceClassifier(nn.Module):
 
 
 def load_scalar_model(path: str, dtype: str = "float32") -> ScalarModel:
-    """Open a reward/critic export written by :meth:`ScalarModel.save_pretrained`."""
-    if not (Path(path) / VALUE_HEAD_FILE).exists():
-        raise FileNotFoundError(f"{path} is not a reward-model export: {VALUE_HEAD_FILE} is missing")
-    return HFModel(path, dtype=dtype).build_scalar(None)
+    """Open a reward/critic export (:meth:`ScalarModel.save_pretrained`) or any one-label
+    sequence-classification checkpoint with a decoder."""
+    spec = HFModel(path, dtype=dtype)
+    if spec.checkpoint_format() == "causal":
+        raise InputError(f"{path} is not a reward model (a sequence-classification checkpoint or rlhf-lit export)")
+    return spec.build_scalar(None)

@@ -2,9 +2,11 @@
 
 Shapes: ``B`` batch, ``T`` time (tokens), ``V`` vocabulary.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,8 +32,13 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  sum_fn: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_fn: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
     """Normalise the valid entries of ``x`` to zero mean and unit variance; masked entries become 0.
 
     Equal to whitening ``x[mask.bool()]`` on its own (tested). ``shift_mean=False`` keeps the mean,

@@ -1,4 +1,5 @@
 """Optimizer parameter groups and learning-rate schedules shared by every stage. Torch only."""
+
 from __future__ import annotations
 
 import inspect
@@ -17,7 +18,10 @@ def param_groups(module: nn.Module, weight_decay: float, **extra) -> list[dict]:
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, **extra},
+        {"params": no_decay, "weight_decay": 0.0, **extra},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -59,12 +63,21 @@ def with_fused_kernel(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     (and so TRL) defaults to the fused kernel too. An explicit ``fused``/``foreach`` choice is kept.
     """
     d = opt.defaults
-    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or opt.state or d.get("fused") is not None \
-            or d.get("foreach") is not None or d.get("differentiable") or d.get("capturable"):
+    if (
+        type(opt) not in (torch.optim.Adam, torch.optim.AdamW)
+        or opt.state
+        or d.get("fused") is not None
+        or d.get("foreach") is not None
+        or d.get("differentiable")
+        or d.get("capturable")
+    ):
         return opt
     params = [p for g in opt.param_groups for p in g["params"]]
-    if not params or any(not p.is_floating_point() or p.device.type not in ("cpu", "cuda") for p in params) \
-            or len({p.device for p in params}) > 1:
+    if (
+        not params
+        or any(not p.is_floating_point() or p.device.type not in ("cpu", "cuda") for p in params)
+        or len({p.device for p in params}) > 1
+    ):
         return opt
     accepted = inspect.signature(type(opt).__init__).parameters
     kwargs = {k: v for k, v in d.items() if k in accepted}

@@ -5,6 +5,7 @@ re-runnable on its own with ``rlhf-lit fit --config``), runs it through the same
 marks it done. Re-running the command skips finished stages and resumes an interrupted one from its
 last checkpoint. ``summary.json`` collects the evaluation after every stage.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
         old = out.get(k)
-        switch = isinstance(v, dict) and isinstance(old, dict) and v.get("class_path", old.get("class_path")) != old.get("class_path")
-        out[k] = deep_merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not switch else copy.deepcopy(v)
+        switch = (
+            isinstance(v, dict)
+            and isinstance(old, dict)
+            and v.get("class_path", old.get("class_path")) != old.get("class_path")
+        )
+        out[k] = (
+            deep_merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not switch else copy.deepcopy(v)
+        )
     return out
 
 
@@ -68,9 +75,18 @@ def spec(class_path: str, **init_args) -> dict:
 class Pipeline:
     """The three RLHF stages end to end in ``run_dir``."""
 
-    def __init__(self, run_dir: str, blend: dict, sft: StagePlan, reward: StagePlan, ppo: StagePlan,
-                 tokenizer: Optional[dict] = None, reward_init_from_sft: bool = True,
-                 evaluation: Optional[EvalPlan] = None, checkpoint_every_n_steps: int = 50) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        blend: dict,
+        sft: StagePlan,
+        reward: StagePlan,
+        ppo: StagePlan,
+        tokenizer: Optional[dict] = None,
+        reward_init_from_sft: bool = True,
+        evaluation: Optional[EvalPlan] = None,
+        checkpoint_every_n_steps: int = 50,
+    ) -> None:
         """Args:
         run_dir: output directory: one folder per stage, summary.json, the plot.
         blend: the data blend of every stage (init args of datamodules.Blend); its seeded split keeps
@@ -86,8 +102,9 @@ class Pipeline:
         """
         self.run_dir = Path(run_dir)
         self.blend, self.plans = blend, {"sft": sft, "reward": reward, "ppo": ppo}
-        self.tokenizer = tokenizer or spec("rlhf_lit.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"),
-                                           vocab_size=1000)
+        self.tokenizer = tokenizer or spec(
+            "rlhf_lit.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"), vocab_size=1000
+        )
         self.reward_init_from_sft, self.checkpoint_every = reward_init_from_sft, checkpoint_every_n_steps
         self.evaluation = evaluation or EvalPlan()
         self.summary_path = self.run_dir / "summary.json"
@@ -107,14 +124,25 @@ class Pipeline:
         for one in logger if isinstance(logger, list) else [logger]:
             if isinstance(one, dict):
                 one.setdefault("init_args", {})["save_dir"] = str(d)
-        callbacks = [c for c in trainer.get("callbacks") or [] if not c["class_path"].endswith(("HFExport", "ModelCheckpoint"))]
-        callbacks += [spec("rlhf_lit.callbacks.HFExport", dirpath=str(d / "export")),
-                      spec("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(d / "checkpoints"), save_last=True,
-                           save_top_k=0, every_n_train_steps=self.checkpoint_every)]
+        callbacks = [
+            c for c in trainer.get("callbacks") or [] if not c["class_path"].endswith(("HFExport", "ModelCheckpoint"))
+        ]
+        callbacks += [
+            spec("rlhf_lit.callbacks.HFExport", dirpath=str(d / "export")),
+            spec(
+                "lightning.pytorch.callbacks.ModelCheckpoint",
+                dirpath=str(d / "checkpoints"),
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=self.checkpoint_every,
+            ),
+        ]
         trainer["callbacks"] = callbacks
         data = cfg["data"].setdefault("init_args", {})
         data["blend"] = self.blend
-        data["tokenizer"] = self.tokenizer if stage == "sft" else spec("rlhf_lit.tokenizer.HFTokenizer", path=self.export("sft"))
+        data["tokenizer"] = (
+            self.tokenizer if stage == "sft" else spec("rlhf_lit.tokenizer.HFTokenizer", path=self.export("sft"))
+        )
         model = cfg["model"].setdefault("init_args", {})
         if stage == "reward" and self.reward_init_from_sft:
             model["model"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
@@ -161,8 +189,10 @@ class Pipeline:
     # -- evaluation ---------------------------------------------------------------------------
     def heldout(self, stage: str) -> list[dict]:
         """The held-out records of a stage, through that stage's own datamodule config."""
-        cli = lightning_cli(["--config", str(self.run_dir / stage / "config.yaml"), "--trainer.logger=false",
-                             "--trainer.callbacks=[]"], run=False)
+        cli = lightning_cli(
+            ["--config", str(self.run_dir / stage / "config.yaml"), "--trainer.logger=false", "--trainer.callbacks=[]"],
+            run=False,
+        )
         cli.datamodule.setup("validate")
         return cli.datamodule.eval_records
 
@@ -173,15 +203,20 @@ class Pipeline:
 
         ev = self.evaluation
         if "heldout_accuracy" not in self.summary.get("reward", {}):
-            self.record("reward", reward_accuracy(self.export("reward"), self.heldout("reward")[: ev.reward_pairs], ev.gold))
+            self.record(
+                "reward", reward_accuracy(self.export("reward"), self.heldout("reward")[: ev.reward_pairs], ev.gold)
+            )
         prompts = [r["prompt"] for r in self.heldout("ppo")][: ev.prompts]
         rewards = {"rm_score": ModelReward(self.export("reward"), normalize=False)}
         if ev.gold:
             rewards["gold_reward"] = CallableReward(ev.gold)
         gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
         scores = {}
-        for name, path in (("sft", self.export("sft")), ("ppo", self.export("ppo", "actor")),
-                           ("ppo_ema", self.export("ppo", "actor_ema"))):
+        for name, path in (
+            ("sft", self.export("sft")),
+            ("ppo", self.export("ppo", "actor")),
+            ("ppo_ema", self.export("ppo", "actor_ema")),
+        ):
             if not Path(path).exists():
                 continue
             res = evaluate_policy(path, prompts, rewards, self.export("sft"), gen, seed=ev.seed, examples=ev.examples)

@@ -1,4 +1,5 @@
 """Plots of PPO runs from their metrics CSV: gold and proxy reward against KL (Gao et al. 2022, fig. 1)."""
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,11 @@ def reward_vs_kl(runs: dict[str, Path], out: Path, title: str = "", window: int 
         if g["objective/kl"]:
             gold_ax.plot(smooth(g["objective/kl"], window), smooth(g["objective/monitor_scores"], window), label=name)
     gold_ax.set(xlabel="KL(policy || reference), nats per response", ylabel="gold reward", title="gold (true) reward")
-    proxy_ax.set(xlabel="KL(policy || reference), nats per response", ylabel="reward-model score (normalised)",
-                 title="proxy reward")
+    proxy_ax.set(
+        xlabel="KL(policy || reference), nats per response",
+        ylabel="reward-model score (normalised)",
+        title="proxy reward",
+    )
     for ax in (gold_ax, proxy_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -6,6 +6,7 @@ against hand-computed values and a naive loop (tests/test_ppo_math.py). Losses r
 
 Shapes: ``B`` rollouts, ``T`` response tokens; ``mask`` is 1 on response tokens, 0 on padding after them.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,10 +4,12 @@ Each is an ``nn.Module`` (so a reward model is a frozen submodule that ZeRO-3 ca
 ``build(tokenizer)`` called from ``configure_model`` and ``forward(prompts, responses, input_ids,
 attention_mask) -> scores (B,)``.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -53,8 +55,16 @@ class ModelReward(RewardSource):
     template), the conversation is rendered its own way (prompt and response as messages through its
     template, else HH text) and re-tokenised, cut from the left to ``max_length`` tokens."""
 
-    def __init__(self, path: str, normalize: bool = True, dtype: str = "float32", format: str = "auto",
-                 chat_template: str = "auto", max_length: Optional[int] = None, stats_rollouts: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        normalize: bool = True,
+        dtype: str = "float32",
+        format: str = "auto",
+        chat_template: str = "auto",
+        max_length: Optional[int] = None,
+        stats_rollouts: int = 0,
+    ) -> None:
         """Args:
         path: directory (or hub name) of the reward model and its tokenizer.
         normalize: standardise scores with the score_mean/score_std saved with the model (rlhf-lit exports,
@@ -93,15 +103,17 @@ class ModelReward(RewardSource):
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = self.max_length or positions or 4096
         if self.normalize and not {"score_mean", "score_std"} <= set(self.model.meta) and not self.stats_rollouts:
-            raise InputError(f"reward model {self.path} has no saved score statistics (score_mean/score_std): "
-                             "set normalize: false, or stats_rollouts: N to estimate them on the first N rollouts")
+            raise InputError(
+                f"reward model {self.path} has no saved score statistics (score_mean/score_std): "
+                "set normalize: false, or stats_rollouts: N to estimate them on the first N rollouts"
+            )
 
     def encode(self, prompts: list, responses: list[str], device) -> tuple[Tensor, Tensor]:
         """The texts rendered and tokenised the reward model's way, cut from the left to max_length."""
         fmt = ChatFormat(self.tokenizer)
         ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
         self.truncated += sum(len(x) > self.max_length for x in ids)
-        ids, mask = pad_sequences([x[-self.max_length:] for x in ids], self.tokenizer.pad_token_id)
+        ids, mask = pad_sequences([x[-self.max_length :] for x in ids], self.tokenizer.pad_token_id)
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()

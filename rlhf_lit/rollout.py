@@ -2,6 +2,7 @@
 
 Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded).
 """
+
 from __future__ import annotations
 
 import time
@@ -84,8 +85,9 @@ class ActorCritic(nn.Module):
     ``value_head`` on the policy's last hidden state (one network, cheaper, values and policy interfere).
     """
 
-    def __init__(self, policy: nn.Module, critic: Optional[ScalarModel] = None,
-                 value_head: Optional[nn.Linear] = None) -> None:
+    def __init__(
+        self, policy: nn.Module, critic: Optional[ScalarModel] = None, value_head: Optional[nn.Linear] = None
+    ) -> None:
         super().__init__()
         if critic is not None and value_head is not None:
             raise ValueError("give a separate critic or a value head on the actor, not both")
@@ -101,8 +103,9 @@ class ActorCritic(nn.Module):
         input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
         without a critic). Position P-1 predicts the first response token, hence the shift.
         """
-        out, logits = response_logits(self.policy, input_ids, attention_mask, prompt_len,
-                                      output_hidden_states=self.value_head is not None)
+        out, logits = response_logits(
+            self.policy, input_ids, attention_mask, prompt_len, output_hidden_states=self.value_head is not None
+        )
         logprobs, entropy = logprobs_and_entropy(logits, input_ids[:, prompt_len:], temperature)
         values = None
         if self.critic is not None:
@@ -163,9 +166,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, prompt_ids: Tensor,
-                 prompt_mask: Tensor, prompts: list[str], gen: GenerationConfig, ref_from_adapters: bool = False,
-                 synced_gpus: bool = False, score_policy: bool = True) -> Rollout:
+def make_rollout(
+    ac: ActorCritic,
+    ref: nn.Module,
+    reward: nn.Module,
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompts: list[str],
+    gen: GenerationConfig,
+    ref_from_adapters: bool = False,
+    synced_gpus: bool = False,
+    score_policy: bool = True,
+) -> Rollout:
     """Sample responses with the actor, then score them with the reward source, the reference, the
     actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded.
 
@@ -200,8 +213,21 @@ def make_rollout(ac: ActorCritic, ref: nn.Module, reward: nn.Module, tokenizer, 
     finally:
         ac.train(was_training)
     t2 = time.perf_counter()
-    return Rollout(input_ids, attention_mask, p, mask.float(), logprobs, ref_logprobs, values, scores, entropy,
-                   prompts, texts, ended, {"generate_s": t1 - t0, "score_s": t2 - t1})
+    return Rollout(
+        input_ids,
+        attention_mask,
+        p,
+        mask.float(),
+        logprobs,
+        ref_logprobs,
+        values,
+        scores,
+        entropy,
+        prompts,
+        texts,
+        ended,
+        {"generate_s": t1 - t0, "score_s": t2 - t1},
+    )
 
 
 def ended_with_stop(responses: Tensor, mask: Tensor, stops: list[int]) -> Tensor:

@@ -1,12 +1,14 @@
 """What the three stage modules share: the tokenizer hand-off, optimizer + schedule, throughput,
 the Hugging Face export and its model card. One copy here instead of one per stage."""
+
 from __future__ import annotations
 
 import json
 import random
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -22,8 +24,12 @@ class StageModule(L.LightningModule):
 
     stage = "stage"
 
-    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, schedule: Optional[LRSchedule] = None,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Optional[LRSchedule] = None,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.optimizer_factory, self.schedule, self.weight_decay = optimizer, schedule or LRSchedule(), weight_decay
         self.tokenizer = None
@@ -91,11 +97,18 @@ class StageModule(L.LightningModule):
         # Hyperparameters given as objects (not through the CLI, whose config dicts are kept) are
         # recorded by their repr: a checkpoint must never need unpickling arbitrary classes.
         if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = {k: v if _plain(v) else repr(v) for k, v in checkpoint["hyper_parameters"].items()}
+            checkpoint["hyper_parameters"] = {
+                k: v if _plain(v) else repr(v) for k, v in checkpoint["hyper_parameters"].items()
+            }
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                                    "python_gauss": random.getstate()[2],
-                                    "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "python": list(random.getstate()[1]),
+            "python_gauss": random.getstate()[2],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        }
+        if torch.cuda.is_available():  # GPU sampling and dropout draw from the CUDA generators
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Applied in on_train_start: building models after the restore (configure_model) draws random
@@ -109,11 +122,17 @@ class StageModule(L.LightningModule):
             random.setstate((3, tuple(states["python"]), states["python_gauss"]))
             name, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     # -- export ---------------------------------------------------------------------------------
     def export_models(self) -> dict[str, Callable[[Path], None]]:
         """Subfolder name ('' for the root) -> a function that saves that model there."""
         raise NotImplementedError
+
+    def export_tokenizer(self):
+        """The tokenizer saved with the exports (the stage's own)."""
+        return self.tokenizer
 
     def export(self, dirpath: str | Path, data: Optional[Iterable[dict]] = None) -> Path:
         """Save every exported model in Hugging Face format (safetensors), the tokenizer and a model card."""
@@ -123,7 +142,7 @@ class StageModule(L.LightningModule):
             out = dirpath / sub
             out.mkdir(parents=True, exist_ok=True)
             save(out)
-            self.tokenizer.save_pretrained(out)
+            self.export_tokenizer().save_pretrained(out)
             write_model_card(out, self.stage + (f" ({sub})" if sub else ""), metrics, list(data or []))
         return dirpath
 
@@ -141,7 +160,10 @@ def _plain(value) -> bool:
 
 def write_model_card(out: Path, stage: str, metrics: dict, data: list[dict]) -> None:
     lines = [f"# rlhf-lit export: {stage}", "", "Written by rlhf-lit at the end of fit.", "", "## Data", ""]
-    lines += [f"- {d.get('source')}: {d.get('kept')} records kept of {d.get('rows')} rows, dropped {d.get('dropped')}, "
-              f"parts {d.get('parts')}" for d in data] or ["- (not recorded)"]
+    lines += [
+        f"- {d.get('source')}: {d.get('kept')} records kept of {d.get('rows')} rows, dropped {d.get('dropped')}, "
+        f"parts {d.get('parts')}"
+        for d in data
+    ] or ["- (not recorded)"]
     lines += ["", "## Final metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```", ""]
     (out / "README.md").write_text("\n".join(lines))

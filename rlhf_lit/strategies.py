@@ -7,6 +7,7 @@ Lightning refuses a non-CUDA accelerator in ``setup_environment``, validates CUD
 CPU; on GPUs it behaves as Lightning's class. Use ``DS_ACCELERATOR=cpu`` on CPU machines (set here
 when no CUDA device is visible, before deepspeed is imported).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 from lightning.pytorch.accelerators import CPUAccelerator  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeed  # noqa: E402
 from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
-from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
 
 class DeepSpeedStrategy(_LightningDeepSpeed):
@@ -92,6 +93,12 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         if self.zero_stage_3:
             config.update({k: self.config[k] for k in ("zero_allow_untested_optimizer", "zero_optimization")})
         remove_module_hooks(model)
-        self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=self._device_rank), config=config,
-                                                   model=model, optimizer=None, lr_scheduler=None, model_parameters=[],
-                                                   dist_init_required=False)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank),
+            config=config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )

@@ -5,13 +5,15 @@ Padding is masked by the attention mask everywhere (never found by id), so pad m
 pretrained tokenizer without pad reuses an existing token and the model's vocabulary is left alone.
 Its ``chat_template`` option decides how conversations are rendered (see rlhf_lit.chat_format).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -32,8 +34,14 @@ class TokenizerSpec:
 class HFTokenizer(TokenizerSpec):
     """A tokenizer from the hub or a local directory (for example a stage's export)."""
 
-    def __init__(self, path: str, chat_template: str = "auto", add_pad_token: bool = False,
-                 gguf_file: Optional[str] = None, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        chat_template: str = "auto",
+        add_pad_token: bool = False,
+        gguf_file: Optional[str] = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         """Args:
         path: hub name or local directory with tokenizer files.
         chat_template: how conversations are rendered: 'auto' (the tokenizer's chat template when it

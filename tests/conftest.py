@@ -1,11 +1,18 @@
 """Shared fixtures: offline environment, a tokenizer trained on the embedded task, tiny model specs."""
+
 from __future__ import annotations
 
 import os
 
 # Before torch/transformers import: one thread (2-core machine), no hub, W&B offline.
-for key, value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}.items():
+for key, value in {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",
+}.items():
     os.environ.setdefault(key, value)
 
 from pathlib import Path  # noqa: E402

@@ -1,4 +1,5 @@
 """Builders shared by the module tests: tiny data modules, trainers and exports."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -18,11 +19,21 @@ def datamodule(cls, tokenizer_dir, n=200, batch_size=8, **kw):
 
 
 def trainer(tmp_path, max_steps=4, callbacks=(), val=False, **kw):
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(str(tmp_path), name="logs"),
-                     enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=2 if val else 0, num_sanity_val_steps=0, log_every_n_steps=1,
-                     callbacks=list(callbacks), deterministic=True,
-                     enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=CSVLogger(str(tmp_path), name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2 if val else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=list(callbacks),
+        deterministic=True,
+        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
+        **kw,
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

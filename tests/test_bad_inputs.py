@@ -1,5 +1,6 @@
 """The bad-input corpus: every case gives one line naming the file/row/field or option, a non-zero exit,
 and no traceback — or, where skipping was asked for, a counted skip. Never a silent drop."""
+
 import json
 import subprocess
 import sys
@@ -17,47 +18,145 @@ GOOD_HH = json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A} b"})
 
 # (id, source, file name, file bytes, options, expected stderr fragment) -- strict mode: exit 1
 ERRORS = [
-    ("malformed-json", "hh_rlhf", "x.jsonl", GOOD_HH + "\n{\"chosen\": \n", {}, "x.jsonl:2: malformed JSON"),
+    ("malformed-json", "hh_rlhf", "x.jsonl", GOOD_HH + '\n{"chosen": \n', {}, "x.jsonl:2: malformed JSON"),
     ("truncated-json", "hh_rlhf", "x.jsonl", '{"chosen": "a", "rejected": "b"', {}, "x.jsonl:1: malformed JSON"),
     ("not-an-object", "hh_rlhf", "x.jsonl", "[1, 2]\n", {}, "x.jsonl:1: expected a JSON object"),
     ("missing-field", "hh_rlhf", "x.jsonl", '{"chosen": "a"}\n', {}, "x.jsonl:1: field 'rejected' is missing"),
     ("wrong-type", "hh_rlhf", "x.jsonl", '{"chosen": 1, "rejected": "b"}\n', {}, "field 'chosen' should be a string"),
-    ("null-field", "hh_rlhf", "x.jsonl", '{"chosen": null, "rejected": "b"}\n', {}, "field 'chosen' should be a string, got NoneType"),
+    (
+        "null-field",
+        "hh_rlhf",
+        "x.jsonl",
+        '{"chosen": null, "rejected": "b"}\n',
+        {},
+        "field 'chosen' should be a string, got NoneType",
+    ),
     ("empty-file", "hh_rlhf", "x.jsonl", "", {}, "x.jsonl: file is empty"),
     ("blank-lines-only", "hh_rlhf", "x.jsonl", "\n\n\n", {}, "x.jsonl: file has no rows"),
-    ("non-utf8", "hh_rlhf", "x.jsonl", b'{"chosen": "\xff", "rejected": "b"}\n', {}, "x.jsonl:1: bytes are not valid UTF-8"),
+    (
+        "non-utf8",
+        "hh_rlhf",
+        "x.jsonl",
+        b'{"chosen": "\xff", "rejected": "b"}\n',
+        {},
+        "x.jsonl:1: bytes are not valid UTF-8",
+    ),
     ("non-utf8-csv", "prompts", "x.csv", b'"act","prompt"\n"a","\xfe"\n', {}, "x.csv:2: bytes are not valid UTF-8"),
     ("csv-no-header", "prompts", "x.csv", "\n", {}, "x.csv: CSV has no header row"),
-    ("csv-ragged-row", "prompts", "x.csv", '"act","prompt"\n"a","b","c"\n', {}, "x.csv:2: row has a different number of fields"),
+    (
+        "csv-ragged-row",
+        "prompts",
+        "x.csv",
+        '"act","prompt"\n"a","b","c"\n',
+        {},
+        "x.csv:2: row has a different number of fields",
+    ),
     ("csv-missing-column", "prompts", "x.csv", '"act","text"\n"a","b"\n', {}, "x.csv:2: field 'prompt' is missing"),
     ("json-not-a-list", "tldr", "x.json", '{"rows": 3}', {}, "x.json: expected a JSON list"),
     ("json-malformed", "tldr", "x.json", '[{"prompt": ', {}, "x.json:1: malformed JSON"),
     ("unsupported-suffix", "tldr", "x.txt", "hello", {}, "unsupported file type '.txt'"),
     ("missing-file", "tldr", "missing.jsonl", None, {}, "missing.jsonl: no such file"),
-    ("shp-bad-label", "shp", "x.jsonl", json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 2}) + "\n",
-     {}, "field 'labels' should be 0 or 1"),
-    ("shp-ratio-not-a-number", "shp", "x.jsonl", json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1,
-     "score_ratio": "lots"}) + "\n", {"min_score_ratio": 2}, "field 'score_ratio' should be a number"),
-    ("shp-empty-post", "shp", "x.jsonl", json.dumps({"history": " ", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}) + "\n",
-     {}, "field 'history' is empty"),
-    ("comparisons-bad-summaries", "comparisons", "x.jsonl", json.dumps({"info": {"post": "p", "title": "t", "subreddit": "s"},
-     "summaries": [{"text": "a"}], "choice": 0}) + "\n", {}, "field 'summaries' should be a list of two objects"),
-    ("comparisons-bad-choice", "comparisons", "x.jsonl", json.dumps({"info": {"post": "p", "title": "t", "subreddit": "s"},
-     "summaries": [{"text": "a"}, {"text": "b"}], "choice": 5}) + "\n", {}, "field 'choice' should be 0 or 1"),
-    ("tldr-missing-title", "tldr", "x.jsonl", json.dumps({"subreddit": "s", "post": "p", "summary": "x"}) + "\n", {},
-     "field 'title' is missing"),
+    (
+        "shp-bad-label",
+        "shp",
+        "x.jsonl",
+        json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 2}) + "\n",
+        {},
+        "field 'labels' should be 0 or 1",
+    ),
+    (
+        "shp-ratio-not-a-number",
+        "shp",
+        "x.jsonl",
+        json.dumps({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_ratio": "lots"}) + "\n",
+        {"min_score_ratio": 2},
+        "field 'score_ratio' should be a number",
+    ),
+    (
+        "shp-empty-post",
+        "shp",
+        "x.jsonl",
+        json.dumps({"history": " ", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}) + "\n",
+        {},
+        "field 'history' is empty",
+    ),
+    (
+        "comparisons-bad-summaries",
+        "comparisons",
+        "x.jsonl",
+        json.dumps({"info": {"post": "p", "title": "t", "subreddit": "s"}, "summaries": [{"text": "a"}], "choice": 0})
+        + "\n",
+        {},
+        "field 'summaries' should be a list of two objects",
+    ),
+    (
+        "comparisons-bad-choice",
+        "comparisons",
+        "x.jsonl",
+        json.dumps(
+            {
+                "info": {"post": "p", "title": "t", "subreddit": "s"},
+                "summaries": [{"text": "a"}, {"text": "b"}],
+                "choice": 5,
+            }
+        )
+        + "\n",
+        {},
+        "field 'choice' should be 0 or 1",
+    ),
+    (
+        "tldr-missing-title",
+        "tldr",
+        "x.jsonl",
+        json.dumps({"subreddit": "s", "post": "p", "summary": "x"}) + "\n",
+        {},
+        "field 'title' is missing",
+    ),
     ("unknown-normalizer-option", "shp", "x.jsonl", GOOD_HH + "\n", {"min_ratio": 2}, "bad options ['min_ratio']"),
-    ("json-field-map-wrong", "json", "x.jsonl", GOOD_HH + "\n", {"fields": {"question": "q"}}, "'fields' must map 'prompt'"),
+    (
+        "json-field-map-wrong",
+        "json",
+        "x.jsonl",
+        GOOD_HH + "\n",
+        {"fields": {"question": "q"}},
+        "'fields' must map 'prompt'",
+    ),
 ]
 
 # (id, source, file bytes, options, skip_bad_rows, expected dropped counts) -- counted, never silent
 COUNTED = [
-    ("empty-chosen", "hh_rlhf", json.dumps({"chosen": f"{H} q{A}", "rejected": f"{H} q{A} b"}), {}, False, {"empty_chosen": 1}),
-    ("empty-rejected", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A}  "}), {}, False, {"empty_rejected": 1}),
-    ("chosen-equals-rejected", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A} a"}), {}, False,
-     {"identical": 1}),
-    ("histories-differ", "hh_rlhf", json.dumps({"chosen": f"{H} q{A} a{H} x{A} y", "rejected": f"{H} q{A} b{H} x{A} z"}), {},
-     False, {"history_differs": 1}),
+    (
+        "empty-chosen",
+        "hh_rlhf",
+        json.dumps({"chosen": f"{H} q{A}", "rejected": f"{H} q{A} b"}),
+        {},
+        False,
+        {"empty_chosen": 1},
+    ),
+    (
+        "empty-rejected",
+        "hh_rlhf",
+        json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A}  "}),
+        {},
+        False,
+        {"empty_rejected": 1},
+    ),
+    (
+        "chosen-equals-rejected",
+        "hh_rlhf",
+        json.dumps({"chosen": f"{H} q{A} a", "rejected": f"{H} q{A} a"}),
+        {},
+        False,
+        {"identical": 1},
+    ),
+    (
+        "histories-differ",
+        "hh_rlhf",
+        json.dumps({"chosen": f"{H} q{A} a{H} x{A} y", "rejected": f"{H} q{A} b{H} x{A} z"}),
+        {},
+        False,
+        {"history_differs": 1},
+    ),
     ("empty-summary", "tldr", json.dumps({"prompt": "p", "label": ""}), {}, False, {"empty_response": 1}),
     ("skip-malformed", "hh_rlhf", GOOD_HH + "\n{oops", {}, True, {"malformed_json": 1}),
     ("skip-missing-field", "hh_rlhf", GOOD_HH + '\n{"chosen": "a"}', {}, True, {"missing_field:rejected": 1}),
@@ -73,8 +172,9 @@ def write(tmp_path: Path, name: str, content) -> Path:
 
 
 def inspect(*args):
-    return subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "data", "inspect", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "data", "inspect", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
@@ -128,9 +228,15 @@ def test_reward_export_with_another_tokenizer_retokenizes(tok, tokenizer_dir, tm
 
 def test_pipeline_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "p.yaml"
-    bad.write_text("run_dir: x\nblend: {sources: []}\nsft: {config: a.yaml}\nreward: {config: b.yaml}\nppo: {confg: c.yaml}\n")
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(bad)], capture_output=True,
-                         text=True, timeout=120)
+    bad.write_text(
+        "run_dir: x\nblend: {sources: []}\nsft: {config: a.yaml}\nreward: {config: b.yaml}\nppo: {confg: c.yaml}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "confg" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -139,10 +245,36 @@ def test_unknown_command_is_one_line():
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
 
 
-values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40),
-                   st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
-FIELDS = ["chosen", "rejected", "prompt", "response", "label", "summary", "subreddit", "title", "post", "history",
-          "human_ref_A", "human_ref_B", "labels", "score_ratio", "info", "summaries", "choice", "act", "post_id"]
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+)
+FIELDS = [
+    "chosen",
+    "rejected",
+    "prompt",
+    "response",
+    "label",
+    "summary",
+    "subreddit",
+    "title",
+    "post",
+    "history",
+    "human_ref_A",
+    "human_ref_B",
+    "labels",
+    "score_ratio",
+    "info",
+    "summaries",
+    "choice",
+    "act",
+    "post_id",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,5 @@
 """Blends: stage parts are disjoint, deterministic, cover every record; weights apply."""
+
 import pytest
 from conftest import write_jsonl
 
@@ -42,8 +43,11 @@ def test_stage_views_and_sft_only_sources(tmp_path):
 
 def test_weights_repeat_and_subsample(tmp_path):
     a, b = hh_file(tmp_path, 100, "a.jsonl"), hh_file(tmp_path, 100, "b.jsonl")
-    blend = Blend([SourceSpec("hh_rlhf", path=a, weight=2.0, label="a"),
-                   SourceSpec("hh_rlhf", path=b, weight=0.5, label="b")], split=[1, 0, 0], eval_fraction=0)
+    blend = Blend(
+        [SourceSpec("hh_rlhf", path=a, weight=2.0, label="a"), SourceSpec("hh_rlhf", path=b, weight=0.5, label="b")],
+        split=[1, 0, 0],
+        eval_fraction=0,
+    )
     sft = blend.records("sft")
     assert sum(r["source"] == "a" for r in sft) == 200 and sum(r["source"] == "b" for r in sft) == 50
     report = {r["source"]: r for r in blend.report()}

@@ -1,4 +1,5 @@
 """Every YAML in configs/ (and every experiment overlay on its base) parses with LightningCLI(run=False)."""
+
 from pathlib import Path
 
 import pytest
@@ -8,13 +9,18 @@ import yaml
 from rlhf_lit.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
-                       if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {}))
+STAGE_CONFIGS = sorted(
+    p for p in (REPO / "configs").rglob("*.yaml") if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {})
+)
 STRATEGIES = sorted((REPO / "configs/strategy").glob("*.yaml"))
 
 
-CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-                 "--trainer.precision=32-true"]
+CPU_OVERRIDES = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.precision=32-true",
+]
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -34,8 +40,9 @@ def test_stage_config_parses_and_instantiates(path, monkeypatch):
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_strategy_overlays_compose_with_every_stage(stage, strategy, monkeypatch):
     monkeypatch.chdir(REPO)
-    cli = lightning_cli(["--config", f"configs/{stage}/tiny.yaml", "--config", str(strategy), "--trainer.logger=false"],
-                        run=False)
+    cli = lightning_cli(
+        ["--config", f"configs/{stage}/tiny.yaml", "--config", str(strategy), "--trainer.logger=false"], run=False
+    )
     assert type(cli.trainer.strategy).__name__ == "DeepSpeedStrategy"
     assert cli.trainer.strategy.config["zero_optimization"]["stage"] in (1, 2, 3)
 
@@ -48,8 +55,15 @@ def parse_only(path):
         def instantiate_classes(self):
             pass
 
-    cli = ParseOnly(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    args=["--config", str(path)], run=False, auto_configure_optimizers=False)
+    cli = ParseOnly(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(path)],
+        run=False,
+        auto_configure_optimizers=False,
+    )
     assert cli.config.trainer.strategy is not None
 
 
@@ -78,5 +92,7 @@ def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp
     for stage in ("sft", "reward", "ppo"):
         cfg = pipe.stage_config(stage)
         assert cfg["data"]["init_args"]["blend"] == pipe.blend
-        exports = [c["init_args"]["dirpath"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("HFExport")]
+        exports = [
+            c["init_args"]["dirpath"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("HFExport")
+        ]
         assert exports == [str(tmp_path / stage / "export")]

@@ -1,12 +1,14 @@
 """What real checkpoints need (issue #13), shown on tiny models: chat templates, BOS, end-of-turn stop
 tokens, conversational rows, train/eval modes, checkpointing that runs, experience scored in eval mode,
 `ended` from the last kept token, per-model gradient clipping, every family through PPO."""
+
 import json
 
 import lightning as L
 import pytest
 import torch
 from helpers import changed, datamodule, snapshot, trainer, unchanged
+from test_models import FAMILIES
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
@@ -20,10 +22,12 @@ from rlhf_lit.models import HFModel, TinyModel
 from rlhf_lit.rewards import CallableReward
 from rlhf_lit.rollout import PPOConfig, ended_with_stop
 from rlhf_lit.tokenizer import HFTokenizer
-from test_models import FAMILIES
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 HH = "\n\nHuman: List 3 fruits.\n\nAssistant:"
 
 
@@ -40,7 +44,9 @@ def chat_tokenizer_dir(tokenizer_dir, tmp_path_factory):
 
 def pretrained(tok, path, family="llama", dropout=0.0):
     """A tiny model saved with save_pretrained: from_pretrained returns it in eval mode, like a hub model."""
-    spec = TinyModel(family=family, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=256, dropout=dropout)
+    spec = TinyModel(
+        family=family, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=256, dropout=dropout
+    )
     spec.build_causal_lm(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -66,8 +72,12 @@ def test_hh_option_turns_the_template_off_and_the_choice_travels_with_the_export
     tok.save_pretrained(tmp_path / "export")
     assert not ChatFormat(HFTokenizer(str(tmp_path / "export")).load()).template
     (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    assert ChatFormat(HFTokenizer(str(tmp_path / "export"), chat_template=str(tmp_path / "t.jinja")).load()).prompt_text(HH) \
+    assert (
+        ChatFormat(HFTokenizer(str(tmp_path / "export"), chat_template=str(tmp_path / "t.jinja")).load()).prompt_text(
+            HH
+        )
         == "[List 3 fruits.]"
+    )
     with pytest.raises(ValueError, match="chat_template 'nope.jinja'"):
         HFTokenizer(chat_tokenizer_dir, chat_template="nope.jinja").load()
 
@@ -96,7 +106,9 @@ def test_hh_rows_sft_pairs_and_prompts_go_through_the_template(chat_tokenizer_di
     trained = tok.decode([t for t, m in zip(sft[0]["input_ids"], sft[0]["loss_mask"]) if m])
     assert trained == "apple, pear, plum.<|im_end|>"
     pairs, _ = C.encode_pairs(tok, recs, 64)
-    assert pairs[0]["chosen_ids"][-1] == eot and tok.decode(pairs[0]["chosen_ids"]).endswith("assistant\napple.<|im_end|>")
+    assert pairs[0]["chosen_ids"][-1] == eot and tok.decode(pairs[0]["chosen_ids"]).endswith(
+        "assistant\napple.<|im_end|>"
+    )
     prompts, _ = C.encode_prompts(tok, recs, 64)
     assert tok.decode(prompts[0]["prompt_ids"]).endswith("<|im_start|>assistant\n") and prompts[0]["prompt"] == HH
 
@@ -113,9 +125,16 @@ def test_sft_on_every_assistant_turn_of_a_multi_turn_row(chat_tokenizer_dir, tok
 
 
 def test_json_source_reads_conversational_rows(tmp_path):
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                          {"role": "assistant", "content": "Hello."}]},
-            {"messages": [{"role": "user", "content": "Only a question"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Only a question"}]},
+    ]
     path = tmp_path / "conv.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = load_source("json", path=str(path), options={"fields": {"messages": "messages"}})
@@ -125,11 +144,19 @@ def test_json_source_reads_conversational_rows(tmp_path):
     assert to_messages(first["messages"]) == rows[0]["messages"][:2]
     # TRL's conversational preference layout: prompt / chosen / rejected as message lists.
     pref = tmp_path / "pref.jsonl"
-    pref.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}],
-                                "chosen": [{"role": "assistant", "content": "4"}],
-                                "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
-    rec = load_source("json", path=str(pref), options={"fields": {"prompt": "prompt", "chosen": "chosen",
-                                                                 "rejected": "rejected"}}).records[0]
+    pref.write_text(
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "2+2?"}],
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            }
+        )
+        + "\n"
+    )
+    rec = load_source(
+        "json", path=str(pref), options={"fields": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}}
+    ).records[0]
     assert (rec["chosen"], rec["rejected"], rec["messages"]) == ("4", "5", [{"role": "user", "content": "2+2?"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
@@ -140,7 +167,9 @@ def test_json_source_reads_conversational_rows(tmp_path):
 def test_generation_stops_at_the_end_of_turn_token(chat_tokenizer_dir):
     tok = HFTokenizer(chat_tokenizer_dir).load()
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    model = TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(tok).eval()
+    model = (
+        TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(tok).eval()
+    )
 
     class OnlyEndOfTurn(torch.nn.Module):  # an LM head that always prefers <|im_end|>
         def forward(self, hidden):
@@ -161,9 +190,11 @@ def count_checkpointed(model) -> list[int]:
     for m in model.modules():
         f = getattr(m, "_gradient_checkpointing_func", None)
         if f is not None and getattr(m, "gradient_checkpointing", False):
+
             def counted(*a, _f=f, **k):
                 calls[0] += 1
                 return _f(*a, **k)
+
             m._gradient_checkpointing_func = counted
     return calls
 
@@ -172,8 +203,11 @@ def count_checkpointed(model) -> list[int]:
 def test_pretrained_models_train_in_train_mode_with_checkpointing_that_runs(stage, tokenizer_dir, tok, tmp_path):
     path = pretrained(tok, tmp_path / "pre", dropout=0.1)
     spec = HFModel(path, gradient_checkpointing=True)
-    module, dm_cls = ((SFTModule(spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)), SFTDataModule) if stage == "sft"
-                      else (RewardModule(spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)), PreferenceDataModule))
+    module, dm_cls = (
+        (SFTModule(spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)), SFTDataModule)
+        if stage == "sft"
+        else (RewardModule(spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)), PreferenceDataModule)
+    )
     dm = datamodule(dm_cls, tokenizer_dir, n=40)
     dm.setup()
     module.tokenizer = dm.tokenizer
@@ -192,8 +226,14 @@ def test_experience_is_scored_in_eval_mode_and_kl_starts_at_zero(tokenizer_dir, 
     reference has KL exactly 0 and the old log-probs are the deterministic ones."""
     path = pretrained(tok, tmp_path / "pre", dropout=0.3)
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
-    module = PPOModule(actor=HFModel(path), critic=HFModel(path), reward=CallableReward("rule_rewards:word_count"),
-                       generation=GenerationConfig(max_new_tokens=6), dropout=None, algo=PPOConfig(ema_beta=None))
+    module = PPOModule(
+        actor=HFModel(path),
+        critic=HFModel(path),
+        reward=CallableReward("rule_rewards:word_count"),
+        generation=GenerationConfig(max_new_tokens=6),
+        dropout=None,
+        algo=PPOConfig(ema_beta=None),
+    )
     dm.setup("fit")
     module.tokenizer = dm.tokenizer
     module.configure_model()
@@ -227,14 +267,21 @@ def test_ended_reads_the_last_kept_token():
 def test_actor_and_critic_are_clipped_each_to_its_own_norm(tokenizer_dir, tmp_path):
     """SGD with lr 1: the actor's step is its clipped gradient. Its norm is the actor's limit, and a
     critic loss 1000x larger changes nothing in the actor's step (one joint norm would shrink it)."""
+
     def run(vf_coef):
         L.seed_everything(0)
         dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
         spec = TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=128)
-        module = PPOModule(actor=spec, critic=spec, reward=CallableReward("rule_rewards:word_count"),
-                           optimizer=lambda p: torch.optim.SGD(p, lr=1.0), generation=GenerationConfig(max_new_tokens=6),
-                           algo=PPOConfig(ema_beta=None, vf_coef=vf_coef, actor_max_grad_norm=1e-3, critic_max_grad_norm=1e-3,
-                                          critic_lr=1.0))
+        module = PPOModule(
+            actor=spec,
+            critic=spec,
+            reward=CallableReward("rule_rewards:word_count"),
+            optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+            generation=GenerationConfig(max_new_tokens=6),
+            algo=PPOConfig(
+                ema_beta=None, vf_coef=vf_coef, actor_max_grad_norm=1e-3, critic_max_grad_norm=1e-3, critic_lr=1.0
+            ),
+        )
         dm.setup("fit")
         module.tokenizer = dm.tokenizer
         module.configure_model()
@@ -255,9 +302,14 @@ def test_actor_and_critic_are_clipped_each_to_its_own_norm(tokenizer_dir, tmp_pa
 def test_ppo_runs_for_every_family(family, tokenizer_dir, tmp_path):
     spec = TinyModel(family=family, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64, max_positions=128)
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=24)
-    module = PPOModule(actor=spec, critic=spec, reward=CallableReward("rule_rewards:word_count"),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), generation=GenerationConfig(max_new_tokens=6),
-                       algo=PPOConfig(ema_beta=None))
+    module = PPOModule(
+        actor=spec,
+        critic=spec,
+        reward=CallableReward("rule_rewards:word_count"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        generation=GenerationConfig(max_new_tokens=6),
+        algo=PPOConfig(ema_beta=None),
+    )
     dm.setup("fit")
     module.tokenizer = dm.tokenizer
     module.configure_model()

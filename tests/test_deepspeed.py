@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO 1/2/3 and offload through Lightning's DeepSpeedStrategy, on DeepSpeed's CPU accelerator
 (gloo): every stage in one process, ZeRO-2/3 in two (torchrun), a ZeRO-3 resume, exports, equivalence."""
+
 import json
 import os
 import shutil
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from test_pipeline import REPO, rlhf_lit, short_recipe
+from transformers import AutoModelForCausalLM
 
 STAGES = ("sft", "reward", "ppo")
 
@@ -26,20 +26,49 @@ def run(tmp_path_factory):
 
 
 def fit(run: Path, stage: str, out: Path, zero: str, steps: int = 2, procs: int = 1, extra=()):
-    callbacks = json.dumps([{"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
-                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                             "init_args": {"dirpath": str(out / "ckpt"), "save_last": True, "save_top_k": 0,
-                                           "every_n_train_steps": steps}}])
+    callbacks = json.dumps(
+        [
+            {"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(out / "ckpt"),
+                    "save_last": True,
+                    "save_top_k": 0,
+                    "every_n_train_steps": steps,
+                },
+            },
+        ]
+    )
     strategy = zero if zero.endswith(".yaml") else REPO / f"configs/strategy/{zero}.yaml"
-    args = ["fit", "--config", str(run / stage / "config.yaml"), "--config", str(strategy),
-            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks={callbacks}", f"--trainer.devices={procs}",
-            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", *extra]
+    args = [
+        "fit",
+        "--config",
+        str(run / stage / "config.yaml"),
+        "--config",
+        str(strategy),
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.callbacks={callbacks}",
+        f"--trainer.devices={procs}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        *extra,
+    ]
     launcher = [sys.executable, "-m", "rlhf_lit.cli"]
     if procs > 1:
         port = str(29500 + (os.getpid() + hash(str(out))) % 400)
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={port}",
-                    "-m", "rlhf_lit.cli"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            f"--master_port={port}",
+            "-m",
+            "rlhf_lit.cli",
+        ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     res = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -77,7 +106,8 @@ def test_stage_runs_under_zero_in_one_process(run, stage, zero, tmp_path):
         common = [k for k in after if k in before and before[k].shape == after[k].shape]
         assert common and any(not torch.equal(before[k], after[k]) for k in common)
     if stage == "ppo":
-        assert (tmp_path / "export/critic/value_head.safetensors").exists() and (tmp_path / "export/actor_ema").exists()
+        assert (tmp_path / "export/critic/config.json").exists() and (tmp_path / "export/actor_ema").exists()
+        assert "ForSequenceClassification" in (tmp_path / "export/critic/config.json").read_text()
     assert any(r.get("train/loss") or r.get("ppo/policy_loss") for r in metrics(tmp_path))
 
 
@@ -104,8 +134,10 @@ def test_zero3_checkpoint_resumes_and_export_equals_consolidated_weights(run, tm
     assert last.is_dir()  # DeepSpeed writes a directory of shards
     consolidated = tmp_path / "consolidated.pt"
     convert_zero_checkpoint_to_fp32_state_dict(str(last), str(consolidated))
-    weights = {k.removeprefix("_forward_module.").removeprefix("model."): v
-               for k, v in torch.load(consolidated, weights_only=True)["state_dict"].items()}
+    weights = {
+        k.removeprefix("_forward_module.").removeprefix("model."): v
+        for k, v in torch.load(consolidated, weights_only=True)["state_dict"].items()
+    }
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     missing, unexpected = fresh.load_state_dict(weights, strict=False)
@@ -123,14 +155,31 @@ def test_zero3_checkpoint_resumes_and_export_equals_consolidated_weights(run, tm
 
 def test_zero2_step_equals_plain_training(run, tmp_path):
     plain = tmp_path / "plain"
-    res = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(run / "sft" / "config.yaml"),
-                          # DDP on one process is plain training with the same distributed sampler as DeepSpeed
-                          "--trainer.strategy=ddp", "--trainer.devices=1",
-                          "--trainer.max_steps=3", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={plain}",
-                          f"--trainer.logger.init_args.save_dir={plain}", "--trainer.callbacks=[]",
-                          "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-                          "--trainer.log_every_n_steps=1"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_lit.cli",
+            "fit",
+            "--config",
+            str(run / "sft" / "config.yaml"),
+            # DDP on one process is plain training with the same distributed sampler as DeepSpeed
+            "--trainer.strategy=ddp",
+            "--trainer.devices=1",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={plain}",
+            f"--trainer.logger.init_args.save_dir={plain}",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     fit(run, "sft", tmp_path / "z2", str(REPO / "tests/data/zero2_no_clip.yaml"), steps=3)
     a = [float(r["train/loss"]) for r in metrics(plain) if r.get("train/loss")]
@@ -149,9 +198,26 @@ def test_ppo_under_zero_on_gpu(run, zero, tmp_path):
 
 
 def test_validate_under_zero3_outside_fit(run):
-    res = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "validate", "--config", str(run / "sft" / "config.yaml"),
-                          "--config", str(REPO / "configs/strategy/zero3.yaml"), "--trainer.limit_val_batches=2",
-                          "--trainer.logger=false", "--trainer.callbacks=[]", "--model.init_args.rouge_samples=0"],
-                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_lit.cli",
+            "validate",
+            "--config",
+            str(run / "sft" / "config.yaml"),
+            "--config",
+            str(REPO / "configs/strategy/zero3.yaml"),
+            "--trainer.limit_val_batches=2",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--model.init_args.rouge_samples=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "val/loss" in res.stdout

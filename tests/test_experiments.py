@@ -1,4 +1,5 @@
 """Experiments: every overlay parses on its base, the runner reuses stages and writes its comparison."""
+
 import json
 from pathlib import Path
 
@@ -43,14 +44,24 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     (study / "ppo").mkdir(parents=True)
     (study / "reward").mkdir()
     (study / "study.yaml").write_text(yaml.safe_dump({"base": str(base), "seeds": [0], "out": str(tmp_path / "out")}))
-    (study / "ppo" / "beta.yaml").write_text("# Q: a stronger KL?\nmodel: {init_args: {kl: {class_path: "
-                                             "rlhf_lit.kl_control.FixedKL, init_args: {value: 0.3}}}}\n")
-    (study / "reward" / "suffix.yaml").write_text("# Q: the divergent-suffix loss?\nmodel: {init_args: {loss: divergent_suffix}}\n")
+    (study / "ppo" / "beta.yaml").write_text(
+        "# Q: a stronger KL?\nmodel: {init_args: {kl: {class_path: "
+        "rlhf_lit.kl_control.FixedKL, init_args: {value: 0.3}}}}\n"
+    )
+    (study / "reward" / "suffix.yaml").write_text(
+        "# Q: the divergent-suffix loss?\nmodel: {init_args: {loss: divergent_suffix}}\n"
+    )
     out = run_study(study)
     base_run, ppo_run, rm_run = out / "base/seed0", out / "ppo__beta/seed0", out / "reward__suffix/seed0"
     # the PPO variant reused the base run's SFT and reward stages; the reward variant only its SFT
-    assert "FixedKL" in (ppo_run / "ppo/config.yaml").read_text() and "value: 0.3" in (ppo_run / "ppo/config.yaml").read_text()
-    assert not (ppo_run / "reward/checkpoints").exists() or (ppo_run / "reward/DONE").read_text() == (base_run / "reward/DONE").read_text()
+    assert (
+        "FixedKL" in (ppo_run / "ppo/config.yaml").read_text()
+        and "value: 0.3" in (ppo_run / "ppo/config.yaml").read_text()
+    )
+    assert (
+        not (ppo_run / "reward/checkpoints").exists()
+        or (ppo_run / "reward/DONE").read_text() == (base_run / "reward/DONE").read_text()
+    )
     assert (rm_run / "sft/DONE").read_text() == (base_run / "sft/DONE").read_text()
     assert "divergent_suffix" in (rm_run / "reward/config.yaml").read_text()
     table = (out / "results.md").read_text()

@@ -1,4 +1,5 @@
 """Numeric guards: non-finite updates are skipped and counted; a streak stops the run with a checkpoint."""
+
 import pytest
 import torch
 from helpers import datamodule, snapshot, trainer
@@ -10,8 +11,10 @@ from rlhf_lit.models import TinyModel
 
 
 def poisoned_module(bad_steps):
-    module = SFTModule(TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = SFTModule(
+        TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
     forward = module.forward
 
     def maybe_nan(*inputs):

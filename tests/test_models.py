@@ -1,4 +1,5 @@
 """Tokenizer and tiny models: round trips through save_pretrained, padding-safe scoring."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -7,7 +8,21 @@ from rlhf_lit.models import HFModel, ScalarModel, TinyModel, lm_inputs, load_sca
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.tokenizer import HFTokenizer, ensure_pad, tokenizer_fingerprint
 
-FAMILIES = ["opt", "gpt2", "bloom", "gpt_neox", "gptj", "gpt_neo", "codegen", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi3"]
+FAMILIES = [
+    "opt",
+    "gpt2",
+    "bloom",
+    "gpt_neox",
+    "gptj",
+    "gpt_neo",
+    "codegen",
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "phi3",
+]
 
 
 def test_trained_tokenizer_round_trip(tok, tokenizer_dir, tmp_path):
@@ -39,8 +54,12 @@ def test_added_pad_row_is_deterministic_and_the_same_in_every_model(tok):
     base = TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<new>"]})
     a = fit_vocab(base, tok)
-    b = fit_vocab(TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(
-        AutoTokenizer.from_pretrained(tok.name_or_path)), tok)
+    b = fit_vocab(
+        TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(
+            AutoTokenizer.from_pretrained(tok.name_or_path)
+        ),
+        tok,
+    )
     emb_a, emb_b = a.get_input_embeddings().weight, b.get_input_embeddings().weight
     assert emb_a.size(0) == len(tok)
     torch.testing.assert_close(emb_a, emb_b)
@@ -68,7 +87,9 @@ def test_tiny_family_round_trip_and_left_padding(family, tok, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**lm_inputs(loaded, ids, mask)).logits, logits)
     # Left padding must not change the last token's logits (explicit position_ids where needed).
-    left, lmask = pad_sequences([tok("hello there friend")["input_ids"], tok("hi")["input_ids"]], tok.pad_token_id, "left")
+    left, lmask = pad_sequences(
+        [tok("hello there friend")["input_ids"], tok("hi")["input_ids"]], tok.pad_token_id, "left"
+    )
     with torch.no_grad():
         left_logits = model(**lm_inputs(model, left, lmask)).logits
     torch.testing.assert_close(left_logits[1, -1], logits[1, int(mask[1].sum()) - 1], atol=1e-4, rtol=1e-4)

@@ -1,4 +1,5 @@
 """The speed work changes how things are computed, never what: each fast path equals the plain one."""
+
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 from conftest import REPO
 from helpers import changed, datamodule, snapshot, trainer
+from test_models import FAMILIES  # noqa: E402
 
 from datamodules import PromptDataModule, SFTDataModule
 from datamodules import collate as C
@@ -18,8 +20,6 @@ from rlhf_lit.generation import GenerationConfig, generate, pick_tokens
 from rlhf_lit.models import TinyModel
 from rlhf_lit.rewards import CallableReward
 from rlhf_lit.rollout import PPOConfig, logprobs_and_entropy, response_logits
-
-from test_models import FAMILIES  # noqa: E402
 
 
 def model(family, tok, seed=0):
@@ -105,10 +105,14 @@ def test_fused_first_forward_gives_the_same_update(tokenizer_dir, tmp_path):
     for fuse in (True, False):
         torch.manual_seed(0)
         dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
-        module = PPOModule(actor=TinyModel("opt", 32, 2, 4, 64, 128), critic=TinyModel("opt", 32, 2, 4, 64, 128, seed=1),
-                           reward=CallableReward("rule_rewards:apple_share"),
-                           optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), generation=GenerationConfig(max_new_tokens=8),
-                           algo=PPOConfig(fuse_first_forward=fuse, critic_lr=1e-3))
+        module = PPOModule(
+            actor=TinyModel("opt", 32, 2, 4, 64, 128),
+            critic=TinyModel("opt", 32, 2, 4, 64, 128, seed=1),
+            reward=CallableReward("rule_rewards:apple_share"),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+            generation=GenerationConfig(max_new_tokens=8),
+            algo=PPOConfig(fuse_first_forward=fuse, critic_lr=1e-3),
+        )
         dm.setup("fit")
         module.tokenizer = dm.tokenizer
         module.configure_model()
@@ -122,7 +126,9 @@ def test_fused_first_forward_gives_the_same_update(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "gpt_neox", "llama"])
 def test_packed_rows_give_the_unpacked_loss(tok, family):
-    records = [{"prompt": f"Question {i} about things?", "response": f" Answer {i} " + "word " * (i % 5)} for i in range(9)]
+    records = [
+        {"prompt": f"Question {i} about things?", "response": f" Answer {i} " + "word " * (i % 5)} for i in range(9)
+    ]
     items, _ = C.encode_sft(tok, records, 64)
     packed = C.pack_sft(items, 64, seed=1)
     assert sum(len(x["input_ids"]) for x in packed) == sum(len(x["input_ids"]) for x in items)
@@ -132,15 +138,21 @@ def test_packed_rows_give_the_unpacked_loss(tok, family):
     full = SFTModule.forward(type("M", (), {"model": m})(), plain["input_ids"], plain["attention_mask"])
     want, want_stats = losses.sft_loss(full, plain["input_ids"], plain["loss_mask"])
     batch = C.collate_packed(packed, tok.pad_token_id)
-    logits = SFTModule.forward(type("M", (), {"model": m})(), batch["input_ids"], batch["attention_mask"],
-                               batch["position_ids"], batch["attention_mask_4d"])
+    logits = SFTModule.forward(
+        type("M", (), {"model": m})(),
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["position_ids"],
+        batch["attention_mask_4d"],
+    )
     got, got_stats = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
     assert got_stats["tokens"] == want_stats["tokens"] and torch.allclose(got, want, atol=1e-5)
 
 
 def test_packing_without_prompt_mask_never_predicts_across_examples(tok):
-    items, _ = C.encode_sft(tok, [{"prompt": "a b", "response": " c d"}, {"prompt": "e", "response": " f g"}], 32,
-                            mask_prompt=False)
+    items, _ = C.encode_sft(
+        tok, [{"prompt": "a b", "response": " c d"}, {"prompt": "e", "response": " f g"}], 32, mask_prompt=False
+    )
     (row,) = C.pack_sft(items, 32)
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
     assert starts == [0, len(items[0]["input_ids"]) if row["segments"][0] == 1 else len(items[1]["input_ids"])]
@@ -174,15 +186,33 @@ def test_bucketed_sampler_keeps_every_sample_and_cuts_padding():
 
     def padded(o):
         return sum(8 * max(lengths[i] for i in o[k : k + 8]) for k in range(0, 1000, 8))
+
     assert padded(order) < 0.7 * padded(list(plain))
 
 
 def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     """One command, tiny steps: the table and the JSON with its ratios (TRL columns only where its
     environments exist; the bare loop always)."""
-    out = subprocess.run([sys.executable, "benchmarks/bench.py", "--sizes", "tiny", "--tasks", "reward,ppo",
-                          "--repeats", "1", "--quick", "--json", "--out", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench.py",
+            "--sizes",
+            "tiny",
+            "--tasks",
+            "reward,ppo",
+            "--repeats",
+            "1",
+            "--quick",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"reward_vs_bare", "reward_bucketed_vs_bare", "ppo_vs_bare"} <= set(report["ratios"])

@@ -1,4 +1,5 @@
 """The pipeline end to end on a shortened embedded recipe; resume after a kill; chat and evaluate."""
+
 import json
 import os
 import signal
@@ -21,7 +22,10 @@ def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1) -> Pat
     cfg["blend"]["sources"][0]["options"]["n"] = 600
     cfg["checkpoint_every_n_steps"] = 3
     tiny = {"init_args": {"hidden_size": 32, "num_layers": 1, "ffn_size": 64}}
-    cfg["sft"]["overrides"] = {"trainer": {"max_epochs": sft_epochs}, "model": {"init_args": {"model": tiny, "rouge_samples": 2}}}
+    cfg["sft"]["overrides"] = {
+        "trainer": {"max_epochs": sft_epochs},
+        "model": {"init_args": {"model": tiny, "rouge_samples": 2}},
+    }
     cfg["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
     cfg["ppo"]["overrides"] = {"trainer": {"max_steps": ppo_steps}, "data": {"init_args": {"batch_size": 4}}}
     cfg["evaluation"]["prompts"] = 8
@@ -35,8 +39,15 @@ SECRET = "wandb-key-that-must-never-be-written-0123456789"
 
 def rlhf_lit(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": SECRET}
-    return subprocess.run([sys.executable, "-m", "rlhf_lit.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
@@ -45,13 +56,26 @@ def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     s = json.loads((run / "summary.json").read_text())
-    for stage, key in [("sft", "eval_loss"), ("reward", "heldout_accuracy"), ("sft", "gold_reward_mean"),
-                       ("sft", "gold_reward_std"), ("ppo", "gold_reward_mean"), ("ppo_ema", "gold_reward_mean"),
-                       ("sft", "rm_score_mean"), ("ppo", "rm_score_mean"), ("ppo", "kl"), ("sft", "wall_s"),
-                       ("reward", "wall_s"), ("ppo", "wall_s"), ("ppo", "win_rate_vs_sft_gold")]:
+    for stage, key in [
+        ("sft", "eval_loss"),
+        ("reward", "heldout_accuracy"),
+        ("sft", "gold_reward_mean"),
+        ("sft", "gold_reward_std"),
+        ("ppo", "gold_reward_mean"),
+        ("ppo_ema", "gold_reward_mean"),
+        ("sft", "rm_score_mean"),
+        ("ppo", "rm_score_mean"),
+        ("ppo", "kl"),
+        ("sft", "wall_s"),
+        ("reward", "wall_s"),
+        ("ppo", "wall_s"),
+        ("ppo", "win_rate_vs_sft_gold"),
+    ]:
         assert isinstance(s[stage][key], float), (stage, key)
     assert s["sft"]["kl"] == 0.0 and (run / "reward_vs_kl.png").stat().st_size > 10_000
-    written = [f for f in run.rglob("*") if f.is_file() and f.suffix in (".yaml", ".json", ".csv", ".md", ".jsonl", ".txt")]
+    written = [
+        f for f in run.rglob("*") if f.is_file() and f.suffix in (".yaml", ".json", ".csv", ".md", ".jsonl", ".txt")
+    ]
     assert written and not any(SECRET in f.read_text(errors="ignore") for f in written)  # no secrets on disk
     for sub in ("sft/export", "reward/export", "ppo/export/actor", "ppo/export/actor_ema", "ppo/export/critic"):
         assert (run / sub / "config.json").exists(), sub
@@ -62,26 +86,53 @@ def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
     again = rlhf_lit("pipeline", "--config", str(cfg))
     assert again.returncode == 0 and again.stdout.count("done already, skipping") == 3
 
-    chat = rlhf_lit("chat", "--model", str(run / "ppo/export/actor"), "--max-new-tokens", "8",
-                    input="List 3 fruits.\nclear\nReply in capitals: hello.\nquit\nnever read\n")
+    chat = rlhf_lit(
+        "chat",
+        "--model",
+        str(run / "ppo/export/actor"),
+        "--max-new-tokens",
+        "8",
+        input="List 3 fruits.\nclear\nReply in capitals: hello.\nquit\nnever read\n",
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     lines = chat.stdout.splitlines()
     assert lines[0] == "Human: List 3 fruits." and lines[1].startswith("Assistant:")
     assert "[history cleared]" in lines and "never read" not in chat.stdout
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: List {n} fruits.\n\nAssistant:"}) + "\n" for n in (2, 3)))
-    ev = rlhf_lit("evaluate", "--policy", str(run / "ppo/export/actor"), "--policy-b", str(run / "sft/export"),
-                  "--prompts", str(prompts), "--gold", "datamodules.synthetic:gold_reward",
-                  "--reward-model", str(run / "reward/export"), "--max-new-tokens", "8")
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"\n\nHuman: List {n} fruits.\n\nAssistant:"}) + "\n" for n in (2, 3))
+    )
+    ev = rlhf_lit(
+        "evaluate",
+        "--policy",
+        str(run / "ppo/export/actor"),
+        "--policy-b",
+        str(run / "sft/export"),
+        "--prompts",
+        str(prompts),
+        "--gold",
+        "datamodules.synthetic:gold_reward",
+        "--reward-model",
+        str(run / "reward/export"),
+        "--max-new-tokens",
+        "8",
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     res = json.loads(ev.stdout)
     assert 0 <= res["win_rate_a_over_b"] <= 1 and res["A"]["n"] == 2 and "gold_reward_mean" in res["B"]
 
 
 def test_evaluate_and_chat_errors_are_one_line(tmp_path):
-    ev = rlhf_lit("evaluate", "--policy", str(tmp_path / "nope"), "--prompts", str(tmp_path / "p.txt"), "--gold",
-                  "datamodules.synthetic:gold_reward")
+    ev = rlhf_lit(
+        "evaluate",
+        "--policy",
+        str(tmp_path / "nope"),
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--gold",
+        "datamodules.synthetic:gold_reward",
+    )
     assert ev.returncode == 1 and "error" in ev.stderr and "Traceback" not in ev.stderr
     chat = rlhf_lit("chat", "--model", str(tmp_path / "nope"), input="hi\n")
     assert chat.returncode == 1 and "nope" in chat.stderr and "Traceback" not in chat.stderr
@@ -92,8 +143,14 @@ def test_kill_during_a_stage_then_rerun_completes(tmp_path, stage):
     cfg = short_recipe(tmp_path, ppo_steps=40, sft_epochs=1)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(cfg)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     last = run / stage / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:

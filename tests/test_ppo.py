@@ -1,4 +1,5 @@
 """Stage 3 on CPU with tiny models: wiring, frozen parts, EMA, estimators, and a learning test."""
+
 import pytest
 import torch
 from helpers import changed, datamodule, snapshot, trainer, unchanged
@@ -13,10 +14,26 @@ from rlhf_lit.models import TinyModel
 from rlhf_lit.rewards import CallableReward, ModelReward, SumReward
 from rlhf_lit.rollout import PPOConfig
 
-LOGGED = ["objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy",
-          "objective/non_score_reward", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/clipfrac",
-          "ppo/ratio_mean", "ppo/ratio_var", "ppo/value_clipfrac", "rollout/response_len_mean",
-          "rollout/eos_fraction", "time/generate_s", "time/score_s", "time/train_s", "time/tokens_per_s"]
+LOGGED = [
+    "objective/scores",
+    "objective/rlhf_reward",
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "ppo/policy_loss",
+    "ppo/value_loss",
+    "ppo/approx_kl",
+    "ppo/clipfrac",
+    "ppo/ratio_mean",
+    "ppo/ratio_var",
+    "ppo/value_clipfrac",
+    "rollout/response_len_mean",
+    "rollout/eos_fraction",
+    "time/generate_s",
+    "time/score_s",
+    "time/train_s",
+    "time/tokens_per_s",
+]
 
 
 def spec(seed=0):
@@ -36,8 +53,13 @@ def reward_export(tmp_path_factory, tokenizer_dir):
 
 def ppo_module(reward, **kw):
     kw.setdefault("critic", spec(seed=1))
-    return PPOModule(actor=spec(), reward=reward, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-                     generation=GenerationConfig(max_new_tokens=8), **kw)
+    return PPOModule(
+        actor=spec(),
+        reward=reward,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        generation=GenerationConfig(max_new_tokens=8),
+        **kw,
+    )
 
 
 def build(module, dm):
@@ -72,14 +94,19 @@ def test_ppo_wiring_frozen_parts_ema_and_exports(tokenizer_dir, reward_export, t
 
 def test_ppo_epochs_and_minibatches_and_adaptive_kl(tokenizer_dir, tmp_path):
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
-    module = build(ppo_module(CallableReward("rule_rewards:apple_share"), kl=AdaptiveKL(init=0.2, target=0.01, horizon=10),
-                              algo=PPOConfig(ppo_epochs=2, num_minibatches=2)), dm)
+    module = build(
+        ppo_module(
+            CallableReward("rule_rewards:apple_share"),
+            kl=AdaptiveKL(init=0.2, target=0.01, horizon=10),
+            algo=PPOConfig(ppo_epochs=2, num_minibatches=2),
+        ),
+        dm,
+    )
     t = trainer(tmp_path, max_steps=8)
     t.fit(module, datamodule=dm)
     # 2 rollouts x 2 epochs x 2 minibatches = 8 optimizer steps
     assert t.global_step == 8 and t.fit_loop.epoch_loop.batch_progress.total.completed == 2
     assert module.kl.value != 0.2  # the adaptive controller moved beta after each rollout
-
 
 
 @pytest.mark.parametrize("estimator", [GRPO(samples_per_prompt=2), RLOO(samples_per_prompt=3)])
@@ -114,7 +141,9 @@ def test_sum_reward_and_ptx_mix(tokenizer_dir, reward_export, tmp_path):
     from helpers import blend
 
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32, ptx_blend=blend(40))
-    reward = SumReward([ModelReward(reward_export, normalize=False), CallableReward("rule_rewards:apple_share")], [1.0, 2.0])
+    reward = SumReward(
+        [ModelReward(reward_export, normalize=False), CallableReward("rule_rewards:apple_share")], [1.0, 2.0]
+    )
     module = build(ppo_module(reward, algo=PPOConfig(ptx_coef=0.5)), dm)
     t = trainer(tmp_path, max_steps=2)
     t.fit(module, datamodule=dm)
@@ -127,9 +156,14 @@ def test_lora_actor_uses_adapters_off_as_reference(family, tokenizer_dir, tmp_pa
 
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
     actor = TinyModel(family=family, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64, max_positions=128)
-    module = PPOModule(actor=actor, reward=CallableReward("rule_rewards:apple_share"), critic=spec(1),
-                       lora=LoRA(r=4, alpha=8), generation=GenerationConfig(max_new_tokens=6),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = PPOModule(
+        actor=actor,
+        reward=CallableReward("rule_rewards:apple_share"),
+        critic=spec(1),
+        lora=LoRA(r=4, alpha=8),
+        generation=GenerationConfig(max_new_tokens=6),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
     build(module, dm)
     assert module.ref is None
     base = {k: v.clone() for k, v in module.ac.policy.named_parameters() if "lora" not in k}
@@ -146,11 +180,18 @@ def test_mean_reward_rises_with_a_rule_based_reward(tokenizer_dir, tmp_path):
     """PPO against 'share of capital letters' from a random tiny policy: the reward must rise clearly."""
     torch.manual_seed(0)
     dm = datamodule(PromptDataModule, tokenizer_dir, n=400, batch_size=16, max_prompt_len=32)
-    module = build(PPOModule(actor=spec(), reward=CallableReward("rule_rewards:caps_share"), critic=spec(1),
-                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-                             generation=GenerationConfig(max_new_tokens=8),
-                             kl=AdaptiveKL(init=0.01, target=20, horizon=1000),
-                             algo=PPOConfig(critic_lr=1e-2, ppo_epochs=2, ema_beta=None)), dm)
+    module = build(
+        PPOModule(
+            actor=spec(),
+            reward=CallableReward("rule_rewards:caps_share"),
+            critic=spec(1),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+            generation=GenerationConfig(max_new_tokens=8),
+            kl=AdaptiveKL(init=0.01, target=20, horizon=1000),
+            algo=PPOConfig(critic_lr=1e-2, ppo_epochs=2, ema_beta=None),
+        ),
+        dm,
+    )
     scores = []
     module.on_train_batch_end = lambda *a: scores.append(float(module.trainer.callback_metrics["objective/scores"]))
     t = trainer(tmp_path, max_steps=60)
@@ -162,7 +203,9 @@ def test_mean_reward_rises_with_a_rule_based_reward(tokenizer_dir, tmp_path):
 def test_diverged_minibatches_are_skipped_and_counted(tokenizer_dir, tmp_path):
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
     # every ratio is >= 1 (masked tokens count as 1), so max_ratio 0.5 marks every minibatch diverged
-    module = build(ppo_module(CallableReward("rule_rewards:word_count"), algo=PPOConfig(max_ratio=0.5, ema_beta=None)), dm)
+    module = build(
+        ppo_module(CallableReward("rule_rewards:word_count"), algo=PPOConfig(max_ratio=0.5, ema_beta=None)), dm
+    )
     actor0 = snapshot(module.ac.policy)
     t = trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2)
     t.fit(module, datamodule=dm)

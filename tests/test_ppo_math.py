@@ -1,4 +1,5 @@
 """The pure PPO math against hand-computed values and naive loops."""
+
 import pytest
 import torch
 
@@ -107,8 +108,15 @@ def test_masked_whitening_equals_whitening_of_valid_slice():
     # the one-pass form used across data-parallel ranks (sum_fn) gives the same numbers
     torch.testing.assert_close(masked_whiten(x, mask, sum_fn=lambda t: t), out)
     # and summing the moments of two shards equals whitening the whole batch
-    halves = [masked_whiten(x[:3], mask[:3], sum_fn=lambda t: t + torch.stack(
-        [(x[3:] * mask[3:]).sum(), (x[3:] ** 2 * mask[3:]).sum(), mask[3:].sum()]).double())]
+    halves = [
+        masked_whiten(
+            x[:3],
+            mask[:3],
+            sum_fn=lambda t: (
+                t + torch.stack([(x[3:] * mask[3:]).sum(), (x[3:] ** 2 * mask[3:]).sum(), mask[3:].sum()]).double()
+            ),
+        )
+    ]
     torch.testing.assert_close(halves[0], out[:3])
     torch.testing.assert_close(masked_mean(x, mask), valid.mean())
 

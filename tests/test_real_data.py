@@ -1,4 +1,5 @@
 """The same loaders on real public samples in ../shared/data (skipped when the folder is absent)."""
+
 import pytest
 from conftest import SHARED_DATA
 

@@ -1,6 +1,7 @@
 """Crash and resume: a run killed (SIGKILL) at a random step and re-run from its last checkpoint ends
 with the same weights as an uninterrupted run, for SFT, reward and PPO (data position, optimizer,
 scheduler, RNG, EMA and KL controller all restored)."""
+
 import json
 import os
 import random
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_deepspeed import run  # noqa: F401  (the shared short pipeline fixture)
 from test_pipeline import REPO
 
@@ -21,14 +21,35 @@ STEPS = 12
 
 
 def command(run_dir: Path, stage: str, out: Path, extra=()):
-    callbacks = json.dumps([{"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
-                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                             "init_args": {"dirpath": str(out / "ckpt"), "save_last": True, "save_top_k": 0,
-                                           "every_n_train_steps": 1}}])
-    return [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(run_dir / stage / "config.yaml"),
-            f"--trainer.max_steps={STEPS}", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks={callbacks}",
-            "--trainer.enable_progress_bar=false", *extra]
+    callbacks = json.dumps(
+        [
+            {"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(out / "ckpt"),
+                    "save_last": True,
+                    "save_top_k": 0,
+                    "every_n_train_steps": 1,
+                },
+            },
+        ]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "rlhf_lit.cli",
+        "fit",
+        "--config",
+        str(run_dir / stage / "config.yaml"),
+        f"--trainer.max_steps={STEPS}",
+        "--trainer.max_epochs=-1",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.callbacks={callbacks}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def weights(export: Path) -> dict[str, torch.Tensor]:
@@ -48,14 +69,21 @@ def last_step(ckpt: Path) -> int:
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):  # noqa: F811
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(command(run, stage, tmp_path / "whole"), capture_output=True, text=True, cwd=REPO,
-                           env=env, timeout=600)
+    whole = subprocess.run(
+        command(run, stage, tmp_path / "whole"), capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     kill_at = random.Random(stage).randint(3, STEPS - 3)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(run, stage, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command(run, stage, out),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while last_step(out / "ckpt" / "last.ckpt") < kill_at and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -64,8 +92,14 @@ def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):  # noqa
     assert 0 < last_step(out / "ckpt" / "last.ckpt") < STEPS, "the kill did not land mid-run"
     assert not (out / "export").exists()
 
-    resumed = subprocess.run(command(run, stage, out, [f"--ckpt_path={out / 'ckpt' / 'last.ckpt'}"]),
-                             capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    resumed = subprocess.run(
+        command(run, stage, out, [f"--ckpt_path={out / 'ckpt' / 'last.ckpt'}"]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "whole" / "export"), weights(out / "export")
     assert a.keys() == b.keys() and a

@@ -1,16 +1,18 @@
 """Any Hugging Face reward model as the reward source (issue #17): raw checkpoints without a pad token as
 actor, critic and reward; a sequence-classification reward model with its own tokenizer and chat
 template; score statistics estimated or a one-line error."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from helpers import changed, datamodule, snapshot, trainer
+from test_conventions import CHATML
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import REPO
 from datamodules import PromptDataModule
 from modules import PPOModule
 from rlhf_lit.chat_format import ChatFormat
@@ -21,7 +23,6 @@ from rlhf_lit.ops import pad_sequences
 from rlhf_lit.rewards import ModelReward
 from rlhf_lit.rollout import PPOConfig
 from rlhf_lit.tokenizer import HFTokenizer
-from test_conventions import CHATML
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,9 @@ def raw_dir(tokenizer_dir, tmp_path_factory):
     """A raw pretrained-style checkpoint whose tokenizer has no pad token (as Llama-3's or GPT-2's)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     path = tmp_path_factory.mktemp("raw") / "llama"
-    TinyModel(family="llama", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=256).build_causal_lm(tok) \
-        .save_pretrained(path)
+    TinyModel(
+        family="llama", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=256
+    ).build_causal_lm(tok).save_pretrained(path)
     tok.pad_token = None
     tok.save_pretrained(path)
     assert AutoTokenizer.from_pretrained(path).pad_token is None
@@ -44,9 +46,20 @@ def classifier_dir(tokenizer_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256, num_labels=1,
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(3)
     model = AutoModelForSequenceClassification.from_config(cfg)
     path = tmp_path_factory.mktemp("clf") / "rm"
@@ -56,10 +69,20 @@ def classifier_dir(tokenizer_dir, tmp_path_factory):
 
 
 def ppo(actor, critic, reward, tokenizer, tmp_path, steps=2):
-    dm = PromptDataModule(datamodule(PromptDataModule, tokenizer, batch_size=2).blend, HFTokenizer(tokenizer),
-                          batch_size=2, max_prompt_len=24)
-    module = PPOModule(actor=actor, critic=critic, reward=reward, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-                       generation=GenerationConfig(max_new_tokens=6), algo=PPOConfig(ema_beta=None))
+    dm = PromptDataModule(
+        datamodule(PromptDataModule, tokenizer, batch_size=2).blend,
+        HFTokenizer(tokenizer),
+        batch_size=2,
+        max_prompt_len=24,
+    )
+    module = PPOModule(
+        actor=actor,
+        critic=critic,
+        reward=reward,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        generation=GenerationConfig(max_new_tokens=6),
+        algo=PPOConfig(ema_beta=None),
+    )
     dm.setup("fit")
     module.tokenizer = dm.tokenizer
     module.configure_model()
@@ -78,20 +101,31 @@ def test_raw_checkpoint_without_pad_as_actor_critic_and_reward(raw_dir, tmp_path
     reward = ModelReward(raw_dir, stats_rollouts=2)
     module, t = ppo(HFModel(raw_dir), HFModel(raw_dir), reward, raw_dir, tmp_path)
     vocab = len(HFTokenizer(raw_dir).load())
-    assert module.ac.policy.get_input_embeddings().num_embeddings == vocab == module.reward.model.backbone.get_input_embeddings().num_embeddings
+    assert (
+        module.ac.policy.get_input_embeddings().num_embeddings
+        == vocab
+        == module.reward.model.backbone.get_input_embeddings().num_embeddings
+    )
     assert module.reward.same_tokenizer and reward._moments[0] == 2  # statistics from the first two rollouts
     assert "reward/truncated_rows" in t.callback_metrics
 
 
 def test_classifier_reward_with_its_own_tokenizer_and_template_drives_ppo(classifier_dir, tokenizer_dir, tmp_path):
     reward = ModelReward(classifier_dir, normalize=False, max_length=40)
-    module, t = ppo(TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64),
-                    TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, seed=1),
-                    reward, tokenizer_dir, tmp_path)
+    module, t = ppo(
+        TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64),
+        TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, seed=1),
+        reward,
+        tokenizer_dir,
+        tmp_path,
+    )
     assert not reward.same_tokenizer and type(reward.model).__name__ == "SequenceClassifier"
     # The scores are those of the model called directly through transformers on its own rendering.
     own = AutoTokenizer.from_pretrained(classifier_dir)
-    prompts, responses = [module.samples[0]["prompt"], "\n\nHuman: List 3 fruits.\n\nAssistant:"], [" apple, pear.", " hi"]
+    prompts, responses = (
+        [module.samples[0]["prompt"], "\n\nHuman: List 3 fruits.\n\nAssistant:"],
+        [" apple, pear.", " hi"],
+    )
     fmt = ChatFormat(own)
     ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
     assert own.decode(ids[1]).startswith("<|im_start|>user\nList 3 fruits.<|im_end|>")
@@ -110,14 +144,26 @@ def test_classifier_checkpoint_as_critic_keeps_its_score_head(classifier_dir):
     torch.testing.assert_close(critic.value_head.weight, hf.score.weight)
     ids, mask = pad_sequences([tok("a b c")["input_ids"], tok("a")["input_ids"]], tok.pad_token_id)
     with torch.no_grad():
-        torch.testing.assert_close(critic.eval().score(ids, mask), hf.eval()(input_ids=ids, attention_mask=mask).logits[:, 0],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            critic.eval().score(ids, mask),
+            hf.eval()(input_ids=ids, attention_mask=mask).logits[:, 0],
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_classifier_with_two_labels_is_one_clear_error(tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                               intermediate_size=64, num_labels=2, pad_token_id=tok.pad_token_id)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "two")
     tok.save_pretrained(tmp_path / "two")
     with pytest.raises(InputError, match="needs one label.*num_labels=2"):
@@ -125,15 +171,44 @@ def test_classifier_with_two_labels_is_one_clear_error(tokenizer_dir, tmp_path):
 
 
 def test_missing_statistics_is_one_line_from_the_cli(raw_dir, tmp_path):
-    over = {"trainer": {"max_steps": 1, "logger": False, "callbacks": [], "default_root_dir": str(tmp_path),
-                        "enable_progress_bar": False},
-            "model": {"init_args": {"actor": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
-                                    "critic": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
-                                    "reward": {"class_path": "rlhf_lit.rewards.ModelReward", "init_args": {"path": raw_dir}}}},
-            "data": {"init_args": {"tokenizer": {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": raw_dir}},
-                                   "blend": {"sources": [{"name": "synthetic", "options": {"n": 40, "seed": 0}}]}}}}
+    over = {
+        "trainer": {
+            "max_steps": 1,
+            "logger": False,
+            "callbacks": [],
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "init_args": {
+                "actor": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
+                "critic": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
+                "reward": {"class_path": "rlhf_lit.rewards.ModelReward", "init_args": {"path": raw_dir}},
+            }
+        },
+        "data": {
+            "init_args": {
+                "tokenizer": {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": raw_dir}},
+                "blend": {"sources": [{"name": "synthetic", "options": {"n": 40, "seed": 0}}]},
+            }
+        },
+    }
     (tmp_path / "over.yaml").write_text(yaml.safe_dump(over))
-    res = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(REPO / "configs/ppo/tiny.yaml"),
-                          "--config", str(tmp_path / "over.yaml")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_lit.cli",
+            "fit",
+            "--config",
+            str(REPO / "configs/ppo/tiny.yaml"),
+            "--config",
+            str(tmp_path / "over.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("rlhf-lit: error: reward model")

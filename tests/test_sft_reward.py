@@ -1,19 +1,20 @@
 """Stages 1 and 2 on CPU with tiny models: the wiring, learning, export."""
+
 import json
 
 import pytest
 import torch
 from conftest import write_jsonl
 from helpers import changed, datamodule, snapshot, trainer
+from test_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from datamodules import Blend, PreferenceDataModule, SFTDataModule, SourceSpec
 from modules import RewardModule, SFTModule
 from rlhf_lit.callbacks import HFExport
-from rlhf_lit.optim import LRSchedule
 from rlhf_lit.models import TinyModel, lm_inputs, load_scalar_model
+from rlhf_lit.optim import LRSchedule
 from rlhf_lit.tokenizer import HFTokenizer
-from test_models import FAMILIES
 
 
 def spec(family="opt"):
@@ -50,8 +51,11 @@ def test_sft_fit_changes_weights_logs_and_exports_identical_model(tokenizer_dir,
 def test_sft_loss_falls_on_data_it_can_memorize(tokenizer_dir, tmp_path):
     rows = [{"q": f"List {n} fruits.", "a": " apple, pear."} for n in range(2, 6)] * 2
     path = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    b = Blend([SourceSpec("json", path=str(path), options={"fields": {"prompt": "q", "response": "a"}})],
-              split=[1, 0, 0], eval_fraction=0)
+    b = Blend(
+        [SourceSpec("json", path=str(path), options={"fields": {"prompt": "q", "response": "a"}})],
+        split=[1, 0, 0],
+        eval_fraction=0,
+    )
     dm = SFTDataModule(b, HFTokenizer(tokenizer_dir), batch_size=8, max_seq_len=32)
     module = SFTModule(spec(), optimizer=adamw(1e-2), schedule=LRSchedule(decay="constant"))
     t = trainer(tmp_path, max_steps=40)
@@ -71,10 +75,13 @@ def test_sft_mask_prompt_option(tokenizer_dir):
 
 
 def separable_pairs(tmp_path, n=64):
-    rows = [{"prompt": f"\n\nHuman: item {i}\n\nAssistant:", "chosen": " good answer", "rejected": " bad answer"}
-            for i in range(n)]
-    return Blend([SourceSpec("rm_static", path=str(write_jsonl(tmp_path / "sep.jsonl", rows)))],
-                 split=[0, 1, 0], eval_fraction=0)
+    rows = [
+        {"prompt": f"\n\nHuman: item {i}\n\nAssistant:", "chosen": " good answer", "rejected": " bad answer"}
+        for i in range(n)
+    ]
+    return Blend(
+        [SourceSpec("rm_static", path=str(write_jsonl(tmp_path / "sep.jsonl", rows)))], split=[0, 1, 0], eval_fraction=0
+    )
 
 
 @pytest.mark.parametrize("loss", ["bradley_terry", "divergent_suffix"])
@@ -97,8 +104,10 @@ def test_reward_model_separates_a_separable_fixture(tokenizer_dir, tmp_path, los
     assert loaded.meta["score_stats_from"] == "train" and loaded.meta["score_std"] > 0  # no validation ran
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval().score(batch["input_ids"], batch["attention_mask"]),
-                                   module(batch["input_ids"], batch["attention_mask"]))
+        torch.testing.assert_close(
+            loaded.eval().score(batch["input_ids"], batch["attention_mask"]),
+            module(batch["input_ids"], batch["attention_mask"]),
+        )
 
 
 def test_reward_export_records_score_stats(tokenizer_dir, tmp_path):
@@ -106,19 +115,50 @@ def test_reward_export_records_score_stats(tokenizer_dir, tmp_path):
     module = RewardModule(spec(), optimizer=adamw(1e-3))
     t = trainer(tmp_path, max_steps=3, val=True, callbacks=[HFExport(str(tmp_path / "rm"))], val_check_interval=3)
     t.fit(module, datamodule=dm)
-    meta = json.loads((tmp_path / "rm" / "scalar_model.json").read_text())
+    meta = json.loads((tmp_path / "rm" / "config.json").read_text())  # a sequence-classification config
+    assert meta["architectures"] == ["OPTForSequenceClassification"] and len(meta["id2label"]) == 1
     assert meta["score_stats_from"] == "val" and meta["score_std"] > 0
     assert meta["score_mean"] == pytest.approx(float(t.callback_metrics["val/score_mean"]))
     for key in ("val/accuracy", "val/score_mean", "val/score_std", "val/margin"):
         assert key in t.callback_metrics, key
 
 
+def test_reward_export_loads_in_plain_transformers_and_the_text_classification_pipeline(tokenizer_dir, tmp_path):
+    """The reward export is an ordinary one-label sequence-classification checkpoint: transformers' model,
+    its text-classification pipeline and rlhf-lit give the same scores."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from rlhf_lit.rewards import ModelReward
+
+    dm = datamodule(PreferenceDataModule, tokenizer_dir)
+    module = RewardModule(spec(), optimizer=adamw(1e-3))
+    trainer(tmp_path, max_steps=2, callbacks=[HFExport(str(tmp_path / "rm"))]).fit(module, datamodule=dm)
+    texts = ["\n\nHuman: List 3 fruits.\n\nAssistant: apple, pear, plum.</s>", "\n\nHuman: hi\n\nAssistant: no</s>"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_token_id
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        direct = hf(**enc).logits[:, 0]
+        ours = module.model.eval().score(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(direct, ours, atol=1e-5, rtol=1e-5)
+    piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")(texts)
+    torch.testing.assert_close(torch.tensor([p["score"] for p in piped]), direct, atol=1e-5, rtol=1e-5)
+    reward = ModelReward(str(tmp_path / "rm"), normalize=False)
+    reward.build(tok)
+    with torch.no_grad():
+        scored = reward([], [], enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(scored, direct, atol=1e-5, rtol=1e-5)
+
+
 def test_reward_truncates_prompt_from_the_left_and_counts_drops(tok):
     from datamodules.collate import encode_pairs
 
     long_prompt = "\n\nHuman: " + "word " * 50 + "\n\nAssistant:"
-    recs = [{"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
-            {"prompt": "P", "chosen": " x" * 40, "rejected": " y"}]
+    recs = [
+        {"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
+        {"prompt": "P", "chosen": " x" * 40, "rejected": " y"},
+    ]
     items, dropped = encode_pairs(tok, recs, max_len=16)
     assert len(items) == 1 and dropped == {"response_fills_max_seq_len": 1}
     item = items[0]
@@ -127,8 +167,10 @@ def test_reward_truncates_prompt_from_the_left_and_counts_drops(tok):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_both_stages_run_for_every_family(family, tokenizer_dir, tmp_path):
-    for module, dm_cls in ((SFTModule(spec(family), optimizer=adamw(1e-3)), SFTDataModule),
-                           (RewardModule(spec(family), optimizer=adamw(1e-3)), PreferenceDataModule)):
+    for module, dm_cls in (
+        (SFTModule(spec(family), optimizer=adamw(1e-3)), SFTDataModule),
+        (RewardModule(spec(family), optimizer=adamw(1e-3)), PreferenceDataModule),
+    ):
         dm = datamodule(dm_cls, tokenizer_dir, n=40)
         t = trainer(tmp_path / dm_cls.__name__, max_steps=2)
         dm.setup()
@@ -143,8 +185,15 @@ def test_sft_lora_with_gradient_checkpointing_merges_on_export(tokenizer_dir, tm
     from rlhf_lit.models import LoRA
 
     dm = datamodule(SFTDataModule, tokenizer_dir, n=40)
-    s = TinyModel(family="gpt2", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=128,
-                  gradient_checkpointing=True)
+    s = TinyModel(
+        family="gpt2",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_size=64,
+        max_positions=128,
+        gradient_checkpointing=True,
+    )
     module = SFTModule(s, optimizer=adamw(1e-2), lora=LoRA(r=4, alpha=8))
     t = trainer(tmp_path, max_steps=3, callbacks=[HFExport(str(tmp_path / "export"))])
     dm.setup()
@@ -160,5 +209,9 @@ def test_sft_lora_with_gradient_checkpointing_merges_on_export(tokenizer_dir, tm
     batch = next(iter(dm.train_dataloader()))
     module.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits,
-                                   module(batch["input_ids"], batch["attention_mask"]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits,
+            module(batch["input_ids"], batch["attention_mask"]),
+            atol=1e-4,
+            rtol=1e-4,
+        )

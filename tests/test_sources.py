@@ -1,4 +1,5 @@
 """Normalizers on fixtures written here in each schema, with the oddities of the real data."""
+
 import json
 import subprocess
 import sys
@@ -16,8 +17,10 @@ H, A = "\n\nHuman:", "\n\nAssistant:"
 def hh_rows():
     return [
         # multi-turn, shared history, different final replies (the reply mentions "Assistant:")
-        {"chosen": f"{H} hi{A} hello{H} how to bake?{A} Use an oven. Assistant: done",
-         "rejected": f"{H} hi{A} hello{H} how to bake?{A} No."},
+        {
+            "chosen": f"{H} hi{A} hello{H} how to bake?{A} Use an oven. Assistant: done",
+            "rejected": f"{H} hi{A} hello{H} how to bake?{A} No.",
+        },
         # the common prefix runs into the replies ("I ..."): cut back to the last Assistant turn
         {"chosen": f"{H} q{A} I think yes.", "rejected": f"{H} q{A} I think no."},
         {"chosen": f"{H} q{A}", "rejected": f"{H} q{A} something"},  # empty chosen reply
@@ -31,8 +34,13 @@ def hh_rows():
 def test_hh_prompt_is_common_prefix_cut_at_last_assistant(tmp_path):
     res = load_source("hh_rlhf", str(write_jsonl(tmp_path / "hh.jsonl", hh_rows())))
     assert res.rows == 7 and res.kept == 2
-    assert dict(res.dropped) == {"empty_chosen": 1, "identical": 1, "history_differs": 1, "empty_rejected": 1,
-                                 "no_shared_assistant_turn": 1}
+    assert dict(res.dropped) == {
+        "empty_chosen": 1,
+        "identical": 1,
+        "history_differs": 1,
+        "empty_rejected": 1,
+        "no_shared_assistant_turn": 1,
+    }
     first, second = res.records
     assert first["prompt"] == f"{H} hi{A} hello{H} how to bake?{A}"
     assert first["chosen"] == " Use an oven. Assistant: done" and first["rejected"] == " No."
@@ -42,13 +50,25 @@ def test_hh_prompt_is_common_prefix_cut_at_last_assistant(tmp_path):
 
 
 def test_hh_turns():
-    assert hh_turns(f"{H} hi{A} hello{H} bye{A}") == [("human", "hi"), ("assistant", "hello"), ("human", "bye"),
-                                                        ("assistant", "")]
+    assert hh_turns(f"{H} hi{A} hello{H} bye{A}") == [
+        ("human", "hi"),
+        ("assistant", "hello"),
+        ("human", "bye"),
+        ("assistant", ""),
+    ]
 
 
 def shp_row(post_id, labels, ratio, a="A reply", b="B reply"):
-    return {"post_id": post_id, "history": "Why is the sky blue?", "human_ref_A": a, "human_ref_B": b,
-            "labels": labels, "score_A": 10, "score_B": 3, "score_ratio": ratio}
+    return {
+        "post_id": post_id,
+        "history": "Why is the sky blue?",
+        "human_ref_A": a,
+        "human_ref_B": b,
+        "labels": labels,
+        "score_A": 10,
+        "score_B": 3,
+        "score_ratio": ratio,
+    }
 
 
 def test_shp_label_direction_ratio_filter_and_post_cap(tmp_path):
@@ -61,10 +81,14 @@ def test_shp_label_direction_ratio_filter_and_post_cap(tmp_path):
 
 
 def test_tldr_layouts_give_the_same_records(tmp_path):
-    openai = [{"subreddit": "tifu", "title": "T", "post": "x", "summary": " short"},
-              {"subreddit": "a", "title": "b", "post": "c", "summary": "   "}]
-    carper = [{"prompt": "SUBREDDIT: r/tifu\nTITLE: T\nPOST: x\nTL;DR:", "label": " short"},
-              {"prompt": "SUBREDDIT: r/a\nTITLE: b\nPOST: c\nTL;DR:", "label": "   "}]
+    openai = [
+        {"subreddit": "tifu", "title": "T", "post": "x", "summary": " short"},
+        {"subreddit": "a", "title": "b", "post": "c", "summary": "   "},
+    ]
+    carper = [
+        {"prompt": "SUBREDDIT: r/tifu\nTITLE: T\nPOST: x\nTL;DR:", "label": " short"},
+        {"prompt": "SUBREDDIT: r/a\nTITLE: b\nPOST: c\nTL;DR:", "label": "   "},
+    ]
     a = load_source("tldr", str(write_jsonl(tmp_path / "a.jsonl", openai)))
     b = load_source("tldr", str(write_jsonl(tmp_path / "b.jsonl", carper)))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "source"} for r in rs]  # noqa: E731
@@ -73,10 +97,20 @@ def test_tldr_layouts_give_the_same_records(tmp_path):
 
 
 def test_comparisons_both_layouts(tmp_path):
-    nested = {"info": {"id": "t3", "post": "P", "title": "T", "subreddit": "s"},
-              "summaries": [{"text": " first", "policy": "a", "note": None}, {"text": " second", "policy": "b"}],
-              "choice": 1, "worker": "w", "batch": "b", "split": "train", "extra": {}}
-    carper = {"prompt": "SUBREDDIT: r/s\nTITLE: T\nPOST: P\nTL;DR:", "chosen": "TL;DR: second", "rejected": "TL;DR: first"}
+    nested = {
+        "info": {"id": "t3", "post": "P", "title": "T", "subreddit": "s"},
+        "summaries": [{"text": " first", "policy": "a", "note": None}, {"text": " second", "policy": "b"}],
+        "choice": 1,
+        "worker": "w",
+        "batch": "b",
+        "split": "train",
+        "extra": {},
+    }
+    carper = {
+        "prompt": "SUBREDDIT: r/s\nTITLE: T\nPOST: P\nTL;DR:",
+        "chosen": "TL;DR: second",
+        "rejected": "TL;DR: first",
+    }
     n = load_source("comparisons", str(write_jsonl(tmp_path / "n.jsonl", [nested]))).records[0]
     c = load_source("comparisons", str(write_jsonl(tmp_path / "c.jsonl", [carper]))).records[0]
     assert (n["prompt"], n["chosen"], n["rejected"]) == (c["prompt"], c["chosen"], c["rejected"])
@@ -89,11 +123,16 @@ def test_prompts_csv_rm_static_and_generic_json(tmp_path):
     res = load_source("prompts", str(csv_path))
     assert res.kept == 1 and res.dropped == {"empty_prompt": 1}
     assert res.records[0]["prompt"] == '\n\nHuman: act as a terminal, "quoted"\n\nAssistant:'
-    rm = load_source("rm_static", str(write_jsonl(tmp_path / "rm.jsonl",
-                                                  [{"prompt": "P", "response": " a", "chosen": " a", "rejected": " b"}])))
+    rm = load_source(
+        "rm_static",
+        str(write_jsonl(tmp_path / "rm.jsonl", [{"prompt": "P", "response": " a", "chosen": " a", "rejected": " b"}])),
+    )
     assert rm.records[0]["rejected"] == " b"
-    gen = load_source("json", str(write_jsonl(tmp_path / "g.jsonl", [{"q": "Q?", "a": "A.", "m": 1}])),
-                      options={"fields": {"prompt": "q", "response": "a", "margin": "m"}, "template": "Q: {prompt}\nA:"})
+    gen = load_source(
+        "json",
+        str(write_jsonl(tmp_path / "g.jsonl", [{"q": "Q?", "a": "A.", "m": 1}])),
+        options={"fields": {"prompt": "q", "response": "a", "margin": "m"}, "template": "Q: {prompt}\nA:"},
+    )
     assert gen.records[0]["prompt"] == "Q: Q?\nA:" and gen.records[0]["margin"] == 1.0
 
 
@@ -114,7 +153,7 @@ def test_parquet_and_json_list(tmp_path):
         ('{"chosen": 3, "rejected": "b"}\n', r"bad\.jsonl:1: field 'chosen' should be a string, got int"),
         ("", r"bad\.jsonl: file is empty"),
         ("\n\n", r"bad\.jsonl: file has no rows"),
-        ('[1, 2]\n', r"bad\.jsonl:1: expected a JSON object"),
+        ("[1, 2]\n", r"bad\.jsonl:1: expected a JSON object"),
     ],
 )
 def test_bad_input_names_file_row_and_field(tmp_path, content, match):

@@ -1,4 +1,5 @@
 """The embedded task: gold reward components, generator determinism, label noise."""
+
 import pytest
 
 from datamodules.synthetic import gold_reward, synthetic
