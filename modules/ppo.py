@@ -27,7 +27,7 @@ from rlhf_lit.models import (
     set_dropout,
 )
 from rlhf_lit.ops import masked_mean
-from rlhf_lit.optim import LRSchedule, param_groups
+from rlhf_lit.optim import LRSchedule, clip_grad_norms, param_groups
 from rlhf_lit.rewards import RewardSource
 from rlhf_lit.rollout import ActorCritic, PPOConfig, Rollout, make_rollout
 from rlhf_lit.stage import StageModule
@@ -267,24 +267,16 @@ class PPOModule(StageModule):
             ]
 
     def clip_per_model(self) -> dict:
-        """Clip the actor's and the critic's gradients each to its own norm; returns their norms before
-        clipping. Under DeepSpeed the engine owns the gradients and clips by its ``gradient_clipping``."""
+        """Actor and critic clipped each to its own norm (their norms before clipping are returned). Under
+        DeepSpeed the engine owns the gradients and clips by its ``gradient_clipping``."""
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return {}
-        # Under fp16 loss scaling the gradients are still scaled here: clipping them to max_norm * scale
-        # is clipping the true gradients to max_norm, without unscaling twice.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        out = {}
-        for name, module, limit in (
-            ("actor", self.ac.policy, self.algo.actor_max_grad_norm),
-            ("critic", self.ac.critic or self.ac.value_head, self.algo.critic_max_grad_norm),
-        ):
-            params = [p for p in module.parameters() if p.grad is not None] if module is not None else []
-            if params:
-                norm = torch.nn.utils.clip_grad_norm_(params, limit * scale if limit else float("inf"))
-                out[f"{name}_grad_norm"] = norm.detach() / scale
-        return out
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: gradients still scaled here
+        critic = self.ac.critic or self.ac.value_head
+        groups = {"actor": (self.ac.policy.parameters(), self.algo.actor_max_grad_norm)}
+        if critic is not None:
+            groups["critic"] = (critic.parameters(), self.algo.critic_max_grad_norm)
+        return clip_grad_norms(groups, float(scaler.get_scale()) if scaler is not None else 1.0)
 
     def diverged(self, loss: torch.Tensor, ratio_max: torch.Tensor) -> bool:
         """A non-finite loss or an exploding policy ratio on any rank: every rank skips together (a step

@@ -82,3 +82,19 @@ def with_fused_kernel(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     accepted = inspect.signature(type(opt).__init__).parameters
     kwargs = {k: v for k, v in d.items() if k in accepted}
     return type(opt)([{**g, "fused": True} for g in opt.param_groups], **{**kwargs, "fused": True})
+
+
+def clip_grad_norms(groups: dict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Clip each named group of parameters to its own gradient norm: ``{name: (params, max_norm or
+    None)}`` -> ``{f"{name}_grad_norm": norm before clipping}``. PPO clips actor and critic apart, as
+    DeepSpeed-Chat's two engines do, so a large critic gradient never shrinks the actor's step.
+
+    ``scale``: the fp16 loss scale the gradients still carry; clipping them to ``max_norm * scale`` is
+    clipping the true gradients to ``max_norm`` without unscaling them twice."""
+    out = {}
+    for name, (params, limit) in groups.items():
+        params = [p for p in params if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, limit * scale if limit else float("inf"))
+            out[f"{name}_grad_norm"] = norm.detach() / scale
+    return out

@@ -173,3 +173,22 @@ def test_estimators_interface():
         torch.testing.assert_close(adv, per_seq[:, None] * mask)  # one advantage per sequence
     with pytest.raises(ValueError):
         GRPO(samples_per_prompt=1)
+
+
+def test_clip_grad_norms_clips_each_group_to_its_own_norm():
+    from rlhf_lit.optim import clip_grad_norms
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([100.0])  # norms 5 and 100
+    norms = clip_grad_norms({"actor": ([a], 1.0), "critic": ([b], 10.0)})
+    assert norms["actor_grad_norm"].item() == pytest.approx(5.0) and norms["critic_grad_norm"].item() == pytest.approx(
+        100.0
+    )
+    assert a.grad.tolist() == pytest.approx([0.6, 0.8], rel=1e-5)  # 5 -> 1, direction kept
+    assert b.grad.tolist() == pytest.approx([10.0], rel=1e-5)  # one joint norm (100.1) would have left a at 0.05x
+    a.grad = torch.tensor([3.0, 4.0]) * 8  # fp16 loss scale 8: true norm 5, clipped to 1 (x8 while scaled)
+    assert clip_grad_norms({"actor": ([a], 1.0)}, scale=8.0)["actor_grad_norm"].item() == pytest.approx(5.0)
+    assert (a.grad / 8).norm().item() == pytest.approx(1.0, rel=1e-5)
+    c = torch.zeros(1, requires_grad=True)
+    c.grad = torch.tensor([7.0])
+    assert clip_grad_norms({"x": ([c], None)})["x_grad_norm"].item() == 7.0 and c.grad.item() == 7.0  # None: no clip
