@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "evaluate": "rlhf_lit.evaluate:main",
     "chat": "rlhf_lit.chat:main",
     "models": "rlhf_lit.convert:main",
+    "recipes": "rlhf_lit.recipes:main",
     "experiments": "rlhf_lit.experiments:main",
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
@@ -79,8 +80,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv, from_shell, os.environ["RLHF_LIT_VERBOSE"] = argv[1:], False, "1"
     if os.environ.get("RLHF_LIT_VERBOSE", "").lower() not in ("1", "true", "yes"):
         quiet()
+    from rlhf_lit.errors import InputError
+
     if argv and argv[0] in SUBCOMMANDS:
-        return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0
+        try:
+            return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0
+        except InputError as e:  # e.g. a pipeline's stage config or data file that does not exist
+            print(f"rlhf-lit {argv[0]}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
     if argv and argv[0] not in LIGHTNING and not argv[0].startswith("-"):
         print(
             f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
@@ -88,10 +95,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         return 2
     from rlhf_lit.callbacks import NonFiniteError
-    from rlhf_lit.errors import InputError
+    from rlhf_lit.recipes import expand_config_args
 
     try:
-        lightning_cli(None if from_shell else argv)
+        expanded = expand_config_args(argv)  # --config recipe:NAME
+        lightning_cli(None if from_shell and expanded == argv else expanded)
     except NonFiniteError as e:
         print(f"rlhf-lit: stopped: {e}", file=sys.stderr)
         return 1

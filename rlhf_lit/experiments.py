@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from rlhf_lit.pipeline import STAGES, deep_merge, from_args
+from rlhf_lit.recipes import beside, resolve_pipeline_paths
 
 COLUMNS = [  # (header, summary section, key)
     ("gold (PPO)", "ppo", "gold_reward_mean"),
@@ -130,7 +131,9 @@ def run_study(
     spec = yaml.safe_load((study / "study.yaml").read_text())
     seeds = seeds if seeds is not None else spec.get("seeds", [0])
     out = out or Path(spec.get("out", f"runs/studies/{study.name}"))
-    base = deep_merge(yaml.safe_load(Path(spec["base"]).read_text()), spec.get("overrides") or {})
+    base_path = Path(beside(spec["base"], study.resolve()))  # beside study.yaml, else the working directory
+    base = resolve_pipeline_paths(yaml.safe_load(base_path.read_text()), base_path.resolve().parent)
+    base = deep_merge(base, spec.get("overrides") or {})
     experiments = [e for e in experiment_files(study) if not only or e[0] in only]
     questions = {name: question(f) for name, _, f in experiments}
     rows: dict[str, list[dict]] = {"base": []}

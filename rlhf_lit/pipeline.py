@@ -20,6 +20,7 @@ from typing import Optional
 import yaml
 
 from rlhf_lit.cli import lightning_cli
+from rlhf_lit.errors import InputError
 
 STAGES = ("sft", "reward", "ppo")
 
@@ -116,6 +117,11 @@ class Pipeline:
     # -- stage configs --------------------------------------------------------------------------
     def stage_config(self, stage: str) -> dict:
         plan = self.plans[stage]
+        if not Path(plan.config).is_file():
+            raise InputError(
+                f"{stage}.config: {plan.config} does not exist (relative paths are looked up beside the "
+                "pipeline YAML, then in the working directory; or use recipe:NAME)"
+            )
         cfg = deep_merge(yaml.safe_load(Path(plan.config).read_text()), plan.overrides)
         d = self.run_dir / stage
         trainer = cfg.setdefault("trainer", {})
@@ -256,6 +262,28 @@ class Pipeline:
         return self.summary
 
 
+def configs_resolved(argv: list[str]) -> list[str]:
+    """``--config`` files with ``recipe:`` names expanded and the paths inside each YAML (stage configs,
+    data files, tokenizer) resolved beside that YAML, passed on as YAML text: the pipeline runs the same
+    from any working directory."""
+    from rlhf_lit.recipes import expand_config_args, resolve_pipeline_paths
+
+    args, out, i = expand_config_args(argv), [], 0
+    while i < len(args):
+        arg = args[i]
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and Path(path).is_file():
+            cfg = yaml.safe_load(Path(path).read_text()) or {}
+            if isinstance(cfg, dict):
+                path = yaml.safe_dump(resolve_pipeline_paths(cfg, Path(path).resolve().parent), sort_keys=False)
+            out += ["--config", path]
+            i += 2 if arg == "--config" else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def from_args(argv: list[str]) -> Pipeline:
     """Parse ``--config FILE`` (and overrides) against Pipeline's typed signature."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -263,7 +291,7 @@ def from_args(argv: list[str]) -> Pipeline:
     parser = ArgumentParser(prog="rlhf-lit pipeline", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(Pipeline, fail_untyped=True)
-    init = parser.instantiate_classes(parser.parse_args(argv))
+    init = parser.instantiate_classes(parser.parse_args(configs_resolved(argv)))
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
     return Pipeline(**{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in kwargs.items()})
 

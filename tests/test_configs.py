@@ -87,12 +87,47 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
 def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp_path):
     from rlhf_lit.pipeline import from_args
 
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # another directory: paths in the YAML are looked up beside it
     pipe = from_args(["--config", str(path), f"--run_dir={tmp_path}"])
     for stage in ("sft", "reward", "ppo"):
+        assert Path(pipe.plans[stage].config).is_file()
         cfg = pipe.stage_config(stage)
         assert cfg["data"]["init_args"]["blend"] == pipe.blend
         exports = [
             c["init_args"]["dirpath"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("HFExport")
         ]
         assert exports == [str(tmp_path / stage / "export")]
+
+
+def test_recipes_are_addressable_by_name_from_any_directory(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from rlhf_lit.errors import InputError
+    from rlhf_lit.pipeline import from_args
+    from rlhf_lit.recipes import list_recipes, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert {"pipeline/quickstart", "sft/tiny", "strategy/zero2", "pipeline/smollm2-hh"} <= set(list_recipes())
+    assert resolve_recipe("recipe:pipeline/quickstart") == str(REPO / "configs/pipeline/quickstart.yaml")
+    assert resolve_recipe("recipe:zero3") == str(REPO / "configs/strategy/zero3.yaml")  # a unique short name
+    with pytest.raises(InputError, match="recipe:tiny is ambiguous"):
+        resolve_recipe("recipe:tiny")
+    pipe = from_args(["--config", "recipe:pipeline/quickstart", f"--run_dir={tmp_path}"])
+    assert pipe.plans["ppo"].config == str(REPO / "configs/ppo/tiny.yaml")
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "recipes", "list"], capture_output=True, text=True)
+    assert out.returncode == 0 and "recipe:pipeline/quickstart" in out.stdout
+    missing = tmp_path / "p.yaml"
+    missing.write_text(
+        "sft: {config: nowhere.yaml}\nreward: {config: nowhere.yaml}\nppo: {config: nowhere.yaml}\n"
+        "blend: {sources: [{name: synthetic}]}\nrun_dir: run\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(missing)], capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("rlhf-lit pipeline: error: sft.config: nowhere.yaml does not exist")
+    )

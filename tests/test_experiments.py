@@ -9,6 +9,7 @@ import yaml
 from rlhf_lit.cli import lightning_cli
 from rlhf_lit.experiments import experiment_files, pipeline_config, question, run_study
 from rlhf_lit.pipeline import from_args
+from rlhf_lit.recipes import beside, resolve_pipeline_paths
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.parent for p in (REPO / "experiments").glob("*/study.yaml"))
@@ -23,7 +24,8 @@ def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_pat
     assert "WandbLogger" in text and "group:" in text and "tags:" in text
     overlay = yaml.safe_load(text)
     spec = yaml.safe_load((study / "study.yaml").read_text())
-    base = yaml.safe_load(Path(spec["base"]).read_text())
+    base_path = Path(beside(spec["base"], study))
+    base = resolve_pipeline_paths(yaml.safe_load(base_path.read_text()), base_path.parent)
     if not ({"blend"} & set(overlay)):  # a stage overlay composes with the stage's own base config
         lightning_cli(["--config", base[stage]["config"], "--config", str(path)], run=False)
     merged = tmp_path / "pipeline.yaml"

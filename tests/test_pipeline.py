@@ -16,7 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1) -> Path:
     run_dir = tmp_path / "run"
-    cfg = yaml.safe_load((REPO / "configs/pipeline/quickstart.yaml").read_text())
+    from rlhf_lit.recipes import resolve_pipeline_paths
+
+    cfg = resolve_pipeline_paths(
+        yaml.safe_load((REPO / "configs/pipeline/quickstart.yaml").read_text()), REPO / "configs/pipeline"
+    )
     cfg["run_dir"] = str(run_dir)
     cfg["tokenizer"]["init_args"]["save_dir"] = str(run_dir / "tokenizer")
     cfg["blend"]["sources"][0]["options"]["n"] = 600
@@ -43,7 +47,7 @@ def rlhf_lit(*args, **kw):
         [sys.executable, "-m", "rlhf_lit.cli", *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=kw.pop("cwd", REPO),
         env=env,
         timeout=600,
         **kw,
@@ -52,8 +56,11 @@ def rlhf_lit(*args, **kw):
 
 def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
     cfg = short_recipe(tmp_path)
-    out = rlhf_lit("pipeline", "--config", str(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = rlhf_lit("pipeline", "--config", str(cfg), cwd=elsewhere)  # not the checkout: paths resolve anyway
     assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.splitlines()) + len(out.stderr.splitlines()) < 150  # quiet: no per-load progress bars
     run = tmp_path / "run"
     s = json.loads((run / "summary.json").read_text())
     for stage, key in [
