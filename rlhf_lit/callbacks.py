@@ -82,7 +82,9 @@ class SampleTable(L.Callback):
             for r in rows:
                 f.write(json.dumps({"step": trainer.global_step, "key": key, **r}) + "\n")
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
+        # Not on_validation_epoch_end: Lightning calls the callbacks' epoch-end hooks before the module's,
+        # where SFT generates this validation's samples; they would land one validation late.
         if not trainer.sanity_checking:
             self._emit(trainer, pl_module, "val/samples")
 
