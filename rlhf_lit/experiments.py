@@ -75,6 +75,25 @@ def pipeline_config(base: dict, stage: str, overlay: dict) -> dict:
     return deep_merge(base, {stage: {"overrides": deep_merge(plan.get("overrides") or {}, overlay)}})
 
 
+def with_logger(cfg: dict, logger: list | None, name: str, seed: int) -> dict:
+    """The study's one logger block given to every stage of a run: W&B runs are named after the
+    experiment and seed and tagged with the stage (the experiment files carry no logger of their own)."""
+    if not logger:
+        return cfg
+    out = dict(cfg)
+    for stage in STAGES:
+        loggers = []
+        for spec in logger:
+            spec = deep_merge(spec, {})
+            if spec["class_path"].endswith("WandbLogger"):
+                init = spec.setdefault("init_args", {})
+                init.update(name=f"{name}/{stage}/seed{seed}", tags=[*init.get("tags", []), stage, name])
+            loggers.append(spec)
+        plan = out[stage]
+        out[stage] = {**plan, "overrides": deep_merge(plan.get("overrides") or {}, {"trainer": {"logger": loggers}})}
+    return out
+
+
 def reuse_stages(base_run: Path, run: Path, first_changed: str) -> None:
     """Copy the finished stages before ``first_changed`` (and the tokenizer) from the base run."""
     run.mkdir(parents=True, exist_ok=True)
@@ -137,13 +156,14 @@ def run_study(
     experiments = [e for e in experiment_files(study) if not only or e[0] in only]
     questions = {name: question(f) for name, _, f in experiments}
     rows: dict[str, list[dict]] = {"base": []}
+    logger = spec.get("logger")
     for seed in seeds:
-        rows["base"].append(run_pipeline(base, out / "base" / f"seed{seed}", seed))
+        rows["base"].append(run_pipeline(with_logger(base, logger, "base", seed), out / "base" / f"seed{seed}", seed))
         for name, stage, f in experiments:
             run = out / name.replace("/", "__") / f"seed{seed}"
             reuse_stages(out / "base" / f"seed{seed}", run, stage)
             cfg = pipeline_config(base, stage, yaml.safe_load(f.read_text()) or {})
-            rows.setdefault(name, []).append(run_pipeline(cfg, run, seed))
+            rows.setdefault(name, []).append(run_pipeline(with_logger(cfg, logger, name, seed), run, seed))
     table = compare(rows, questions)
     (out / "results.md").write_text(
         f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}"

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from rlhf_lit.cli import lightning_cli
-from rlhf_lit.experiments import experiment_files, pipeline_config, question, run_study
+from rlhf_lit.experiments import experiment_files, pipeline_config, question, run_study, with_logger
 from rlhf_lit.pipeline import from_args
 from rlhf_lit.recipes import beside, resolve_pipeline_paths
 
@@ -21,7 +21,7 @@ def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_pat
     monkeypatch.chdir(REPO)
     text = path.read_text()
     assert len(text.splitlines()) <= 20 and question(path).startswith("Q:")
-    assert "WandbLogger" in text and "group:" in text and "tags:" in text
+    assert "logger" not in text  # the logger block lives once, in the study's base
     overlay = yaml.safe_load(text)
     spec = yaml.safe_load((study / "study.yaml").read_text())
     base_path = Path(beside(spec["base"], study))
@@ -29,7 +29,11 @@ def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_pat
     if not ({"blend"} & set(overlay)):  # a stage overlay composes with the stage's own base config
         lightning_cli(["--config", base[stage]["config"], "--config", str(path)], run=False)
     merged = tmp_path / "pipeline.yaml"
-    merged.write_text(yaml.safe_dump(pipeline_config(base, stage, overlay)))
+    cfg = with_logger(pipeline_config(base, stage, overlay), spec.get("logger"), name, 0)
+    for s in ("sft", "reward", "ppo"):  # the study's one W&B block, named after the experiment and stage
+        wandb = [x for x in cfg[s]["overrides"]["trainer"]["logger"] if x["class_path"].endswith("WandbLogger")]
+        assert wandb[0]["init_args"]["name"] == f"{name}/{s}/seed0" and s in wandb[0]["init_args"]["tags"]
+    merged.write_text(yaml.safe_dump(cfg))
     pipe = from_args(["--config", str(merged), f"--run_dir={tmp_path / 'run'}"])
     for s in ("sft", "reward", "ppo"):
         resolved = tmp_path / f"{s}.yaml"
