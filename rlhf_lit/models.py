@@ -496,6 +496,24 @@ class ScalarModel(nn.Module):
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
 
 
+@contextlib.contextmanager
+def zero3_construction_off():
+    """Models built inside are whole on this rank: transformers' ZeRO-3 switch (the HfDeepSpeedConfig that
+    rlhf_lit.strategies keeps alive for configure_model) is turned off for the block. transformers keeps
+    it as a module-level weak reference with no public getter, hence the private name."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def as_sequence_classifier(backbone: PreTrainedModel, head: nn.Linear) -> Optional[PreTrainedModel]:
     """``backbone`` and a one-output ``head`` as the family's sequence-classification model (its ``score``
     layer), or None where transformers has no such class or its head has another shape."""
@@ -504,7 +522,9 @@ def as_sequence_classifier(backbone: PreTrainedModel, head: nn.Linear) -> Option
     cfg = copy.deepcopy(backbone.config)
     cfg.num_labels, cfg.architectures = 1, None
     try:
-        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the RNG stream
+        # The throw-away initialisation must not move the RNG stream, nor enter ZeRO-3's collective
+        # partitioned construction: the export runs on rank 0 alone (the other ranks would never join).
+        with torch.random.fork_rng(devices=[]), zero3_construction_off():
             clf = AutoModelForSequenceClassification.from_config(cfg, dtype=backbone.dtype)
     except ValueError:  # "Unrecognized configuration class": no classifier for this family
         return None
