@@ -80,10 +80,10 @@ def main() -> None:
     split = {k: median(ppo_rows, f"time/{k}_s", a.warmup) for k in ("generate", "score", "train")}
     total = sum(split.values())
     result = {
-        "sft_tokens_per_s": median(sft_rows, "train/tokens_per_s", a.warmup),
-        "sft_samples_per_s": median(sft_rows, "train/samples_per_s", a.warmup),
-        "reward_pairs_per_s": median(rm_rows, "train/pairs_per_s", a.warmup),
-        "reward_tokens_per_s": median(rm_rows, "train/tokens_per_s", a.warmup),
+        "sft_tokens_per_s": median(sft_rows, "train/device/items_per_sec", a.warmup),  # ThroughputMonitor
+        "sft_samples_per_s": median(sft_rows, "train/device/samples_per_sec", a.warmup),
+        "reward_pairs_per_s": median(rm_rows, "train/device/samples_per_sec", a.warmup),
+        "reward_tokens_per_s": median(rm_rows, "train/device/items_per_sec", a.warmup),
         "ppo_prompts_per_s": median(ppo_rows, "time/prompts_per_s", a.warmup),
         "ppo_time_split": {k: round(v / total, 3) for k, v in split.items()},
         "ppo_step_s": total,

@@ -37,6 +37,7 @@ class PPOModule(StageModule):
     """Manual optimization: each training step makes one rollout batch and runs the PPO epochs on it."""
 
     stage = "ppo"
+    measure_throughput = False  # log_step reports prompts/s and tokens/s of each phase (time/*)
 
     def __init__(
         self,

@@ -98,7 +98,6 @@ class RewardModule(StageModule):
         if self.logging_step():
             self.log_dict({f"rm/{k}_step": v for k, v in stats.items()}, batch_size=b)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log_throughput(int(batch["attention_mask"].sum()), b, "pairs")
         self.train_moments[0].update(scores)
         self.train_moments[1].update(scores**2)
         return loss
@@ -131,6 +130,9 @@ class RewardModule(StageModule):
         n = sums.pop("n", 0)
         if n:
             self.log_dict({f"rm/{k}_epoch": v / n for k, v in sums.items()}, sync_dist=True)
+
+    def batch_size(self, batch) -> int:
+        return batch["input_ids"].size(0) // 2  # pairs: B chosen rows, then B rejected
 
     def export_tokenizer(self):
         """Where pad equals eos, the export pads with unk instead: transformers' classifiers find the last

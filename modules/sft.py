@@ -85,7 +85,6 @@ class SFTModule(StageModule):
     def training_step(self, batch, batch_idx):
         loss, stats = self.step(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log_throughput(int(batch["attention_mask"].sum()), batch["input_ids"].size(0), "samples")
         return loss
 
     def validation_step(self, batch, batch_idx):
