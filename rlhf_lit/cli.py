@@ -6,8 +6,10 @@ them; subcommands that live beside them are resolved by import path, the same wa
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Optional
 
@@ -43,6 +45,8 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
+            # Errors raise instead of printing usage and exiting, so main() reports them in one line.
+            parser_kwargs={"exit_on_error": False},
             auto_configure_optimizers=False,
         )
     finally:
@@ -78,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--verbose"]:
         argv, from_shell, os.environ["RLHF_LIT_VERBOSE"] = argv[1:], False, "1"
-    if os.environ.get("RLHF_LIT_VERBOSE", "").lower() not in ("1", "true", "yes"):
+    if not verbose():
         quiet()
     from rlhf_lit.errors import InputError
 
@@ -103,10 +107,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteError as e:
         print(f"rlhf-lit: stopped: {e}", file=sys.stderr)
         return 1
-    except InputError as e:  # bad data, config values or model directories: one line, no traceback
-        print(f"rlhf-lit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except (InputError, ValueError, TypeError, argparse.ArgumentError) as e:
+        # Bad data, config keys or values, model directories: the innermost cause in one line. Config
+        # errors reach here wrapped by jsonargparse ("Does not validate against any of the Union subtypes").
+        if verbose():
+            raise
+        hint = (
+            "" if isinstance(e, (InputError, argparse.ArgumentError)) else " (RLHF_LIT_VERBOSE=1 shows the traceback)"
+        )
+        print(f"rlhf-lit: error: {root_cause(e)}{hint}", file=sys.stderr)
         return 1
     return 0
+
+
+def root_cause(e: BaseException) -> str:
+    """First line of the innermost exception of ``e``'s cause/context chain, after the config key path
+    jsonargparse reports on the way down (``config key model.rouge_samples: Expected a <class 'int'>...``)."""
+    keys: list[str] = []
+    while True:
+        key = re.match(r'Parser key "([^"]+)"', str(e).strip())
+        if key and (not keys or keys[-1] != key.group(1)):
+            keys.append(key.group(1))
+        if (e.__cause__ or e.__context__) is None:
+            break
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return f"config key {'.'.join(keys)}: {line}" if keys else line
+
+
+def verbose() -> bool:
+    return os.environ.get("RLHF_LIT_VERBOSE", "").lower() in ("1", "true", "yes")
 
 
 if __name__ == "__main__":

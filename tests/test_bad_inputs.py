@@ -292,3 +292,22 @@ def test_normalizers_only_return_records_or_raise_counted_reasons(name, row):
     assert all(isinstance(record[k], str) for k in ("response", "chosen", "rejected") if k in record)
     if "chosen" in record:
         assert record["chosen"] != record["rejected"] and record["chosen"].strip() and record["rejected"].strip()
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--model.init_args.model.init_args.family=nope"], "rlhf-lit: error: unknown tiny model family 'nope'"),
+        (["--trainer.max_stepz=3"], "rlhf-lit: error: unrecognized arguments: --trainer.max_stepz=3"),
+        (["--model.init_args.optimizer.init_args.lr=fast"], "rlhf-lit: error:"),
+    ],
+    ids=["bad-value", "unknown-key", "bad-type"],
+)
+def test_fit_config_errors_are_one_line(args, expected):
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny", "--trainer.logger=false", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
+    assert len(errors) == 1 and errors[0].startswith(expected), out.stderr[-2000:]

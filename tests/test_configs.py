@@ -68,19 +68,21 @@ def parse_only(path):
 
 
 def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
+    from rlhf_lit.cli import main
+
     base = yaml.safe_load((REPO / "configs/sft/tiny.yaml").read_text())
     base["model"]["init_args"]["rouge_sampels"] = 3
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(base))
-    with pytest.raises(SystemExit):
-        lightning_cli(["--config", str(bad)], run=False)
-    assert "rouge_sampels" in capsys.readouterr().err
+    assert main(["fit", "--config", str(bad)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf-lit")]
+    assert len(err) == 1 and "rouge_sampels" in err[0]
     base["model"]["init_args"].pop("rouge_sampels")
     base["model"]["init_args"]["rouge_samples"] = "many"
     bad.write_text(yaml.safe_dump(base))
-    with pytest.raises(SystemExit):
-        lightning_cli(["--config", str(bad)], run=False)
-    assert "rouge_samples" in capsys.readouterr().err
+    assert main(["fit", "--config", str(bad)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf-lit")]
+    assert len(err) == 1 and "rouge_samples" in err[0]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
