@@ -188,9 +188,18 @@ class PPOModule(StageModule):
             rewards = ppo.whiten(rewards, ro.mask, shift_mean=False, sum_fn=self.sum_over_ranks)
         return rewards, stats
 
+    def advantages(self, rewards, values, mask):
+        """The estimator's advantages and returns (B, R); GAE's whitened over the batch's tokens."""
+        adv, ret = self.advantage(rewards, values, mask)
+        if self.algo.whiten_advantages and self.advantage.token_whitening:
+            adv = ppo.whiten(adv, mask, sum_fn=self.sum_over_ranks)
+        return adv, ret
+
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """Data parallel: whitening statistics of the global batch, not of each rank's shard."""
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None):
         """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused)."""
@@ -231,9 +240,7 @@ class PPOModule(StageModule):
             ro.logprobs, ro.entropy = out[0].detach(), out[1].detach()
             ro.values = out[2].detach() if out[2] is not None else None
         rewards, kl_stats = self.rewards(ro)
-        adv, ret = self.advantage(rewards, ro.values, ro.mask)
-        if self.algo.whiten_advantages:
-            adv = ppo.whiten(adv, ro.mask, sum_fn=self.sum_over_ranks)
+        adv, ret = self.advantages(rewards, ro.values, ro.mask)
 
         opt, sched, n = self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
         per_step, skipped = [], 0

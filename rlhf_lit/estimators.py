@@ -11,10 +11,12 @@ from rlhf_lit import ppo
 
 
 class AdvantageEstimator:
-    """Base class. ``needs_critic`` says whether the PPO module must run and train a value model."""
+    """Base class. ``needs_critic`` says whether the PPO module must run and train a value model;
+    ``token_whitening`` whether ``algo.whiten_advantages`` applies to its advantages."""
 
     needs_critic: bool = True
     samples_per_prompt: int = 1
+    token_whitening: bool = True
 
     def __call__(self, rewards: Tensor, values: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
         """rewards, values, mask: (B, T). Returns (advantages, returns), both (B, T)."""
@@ -45,6 +47,11 @@ class GroupBaseline(AdvantageEstimator):
     """
 
     needs_critic = False
+    # Group advantages are already centred per prompt (and scaled, for GRPO). Whitening them again over
+    # tokens weights long responses more and can flip signs: [1.276, 0.061, -0.182, -1.155] for responses
+    # of 1, 1, 1 and 30 tokens became [4.675, 2.195, 1.699, -0.286] (issue #15). OpenRLHF does not
+    # normalise group or leave-one-out advantages again, nor does TRL's GRPO.
+    token_whitening = False
 
     def __init__(self, baseline: str = "grpo", samples_per_prompt: int = 4) -> None:
         """Args:

@@ -39,6 +39,7 @@ class PPOConfig:
     score_clip: Optional[float] = 5.0
     """clip rewards to ±score_clip (None: no clipping)"""
     whiten_advantages: bool = True
+    """whiten GAE advantages over the batch's tokens (group estimators' advantages never are)"""
     whiten_rewards: bool = False
     missing_eos_penalty: Optional[float] = None
     """subtracted from the score of responses that hit max_new_tokens without eos"""

@@ -211,3 +211,22 @@ def test_diverged_minibatches_are_skipped_and_counted(tokenizer_dir, tmp_path):
     t.fit(module, datamodule=dm)
     assert unchanged(actor0, module.ac.policy)
     assert t.callback_metrics["ppo/skipped_minibatches"] == 1.0
+
+
+@pytest.mark.parametrize("estimator", [GRPO(samples_per_prompt=4), RLOO(samples_per_prompt=4)])
+def test_group_advantages_are_not_whitened_again_over_tokens(estimator):
+    """Issue #15: with whiten_advantages on (the default), GRPO's [1.276, 0.061, -0.182, -1.155] for
+    responses of 1, 1, 1 and 30 tokens became [4.675, 2.195, 1.699, -0.286]: the third sample, below its
+    group's mean, was reinforced. Group advantages now reach the loss as the estimator made them."""
+    module = PPOModule(actor=spec(), reward=CallableReward("rule_rewards:word_count"), critic=None, advantage=estimator)
+    mask = torch.zeros(4, 30)
+    for row, n in enumerate([1, 1, 1, 30]):
+        mask[row, :n] = 1
+    seq = torch.tensor([1.276, 0.061, -0.182, -1.155])
+    rewards = torch.zeros(4, 30)
+    rewards[torch.arange(4), mask.sum(-1).long() - 1] = seq  # the score on each response's last token
+    adv, _ = module.advantages(rewards, None, mask)
+    expected, _ = estimator(rewards, None, mask)
+    torch.testing.assert_close(adv, expected)
+    first = adv[:, 0]
+    assert first[2] < 0 < first[1] and first[3] < 0  # signs follow each sample against its group
