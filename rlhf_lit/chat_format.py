@@ -117,10 +117,9 @@ class ChatFormat:
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The text the model continues: the conversation with the assistant's turn opened."""
-        messages = to_messages(prompt)
-        return (
-            self._render(messages, True) if self.template else hh_text(messages) if isinstance(prompt, list) else prompt
-        )
+        if self.template:
+            return self._render(to_messages(prompt), True)
+        return hh_text(prompt) if isinstance(prompt, list) else prompt  # HH text stays as the source wrote it
 
     def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         """Token ids of each prompt (BOS included by the tokenizer's convention)."""

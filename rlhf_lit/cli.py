@@ -73,7 +73,19 @@ def quiet() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    for harmless in (
+        r".*does not have many workers.*",
+        r".*you need to define a `flops_per_batch`.*",  # ThroughputMonitor without FLOP counts: by design
+        r".*Using ModelCheckpoint with manual optimization.*",  # PPO saves after its updates: intended
+        r".*You passed in a `val_dataloader` but have no `validation_step`.*",  # PPO validates nothing
+    ):
+        warnings.filterwarnings("ignore", message=harmless)
+    # Lightning's per-stage tips and accelerator lines (3 of every stage's first 5); rlhf-lit's own
+    # reports go through the same logger and stay.
+    noise = ("💡 Tip", "GPU available", "TPU available", "HPU available", "`Trainer(val_check_interval=1.0)`")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.getMessage()).startswith(noise)
+    )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 

@@ -257,9 +257,30 @@ class Pipeline:
         self.evaluate()
         self.plot()
         self.record("pipeline", {"wall_s_this_invocation": round(time.time() - t0, 1)})
-        print(json.dumps(self.summary, indent=2, sort_keys=True))
+        print(self.headline(), flush=True)
         print(f"[pipeline] summary: {self.summary_path}", flush=True)
         return self.summary
+
+    def headline(self) -> str:
+        """The summary's numbers in a few lines (everything else is in summary.json)."""
+        keys = (
+            "eval_loss",
+            "heldout_accuracy",
+            "gold_reward_mean",
+            "rm_score_mean",
+            "kl",
+            "win_rate_vs_sft_gold",
+            "win_rate_vs_sft_rm",
+            "gold_gain_in_sft_std",
+            "wall_s",
+        )
+        lines = []
+        for section in ("sft", "reward", "ppo", "ppo_ema"):
+            found = {k: self.summary.get(section, {}).get(k) for k in keys}
+            cells = [f"{k}={v:.4g}" for k, v in found.items() if isinstance(v, (int, float))]
+            if cells:
+                lines.append(f"[pipeline] {section:<8} " + "  ".join(cells))
+        return "\n".join(lines)
 
 
 def configs_resolved(argv: list[str]) -> list[str]:
