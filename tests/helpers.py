@@ -46,3 +46,20 @@ def changed(before: dict, module: torch.nn.Module) -> bool:
 
 def unchanged(before: dict, module: torch.nn.Module) -> bool:
     return all(torch.equal(before[k], v) for k, v in module.named_parameters())
+
+
+def build_ppo(dm, **kw):
+    """A PPOModule with the test defaults (AdamW lr 1e-2, 6 new tokens, no EMA) built on ``dm``'s tokenizer;
+    keywords override them (actor, critic, reward, algo, ...)."""
+    from modules import PPOModule
+    from rlhf_lit.generation import GenerationConfig
+    from rlhf_lit.rollout import PPOConfig
+
+    kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=1e-2))
+    kw.setdefault("generation", GenerationConfig(max_new_tokens=6))
+    kw.setdefault("algo", PPOConfig(ema_beta=None))
+    module = PPOModule(**kw)
+    dm.setup("fit")
+    module.tokenizer = dm.tokenizer
+    module.configure_model()
+    return module

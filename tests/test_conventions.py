@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from helpers import changed, datamodule, snapshot, trainer, unchanged
+from helpers import build_ppo, changed, datamodule, snapshot, trainer, unchanged
 from test_models import FAMILIES
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -302,17 +302,7 @@ def test_actor_and_critic_are_clipped_each_to_its_own_norm(tokenizer_dir, tmp_pa
 def test_ppo_runs_for_every_family(family, tokenizer_dir, tmp_path):
     spec = TinyModel(family=family, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64, max_positions=128)
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=24)
-    module = PPOModule(
-        actor=spec,
-        critic=spec,
-        reward=CallableReward("rule_rewards:word_count"),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-        generation=GenerationConfig(max_new_tokens=6),
-        algo=PPOConfig(ema_beta=None),
-    )
-    dm.setup("fit")
-    module.tokenizer = dm.tokenizer
-    module.configure_model()
+    module = build_ppo(dm, actor=spec, critic=spec, reward=CallableReward("rule_rewards:word_count"))
     actor0, critic0, ref0 = snapshot(module.ac.policy), snapshot(module.ac.critic), snapshot(module.ref)
     t = trainer(tmp_path, max_steps=2)
     t.fit(module, datamodule=dm)

@@ -9,19 +9,16 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from helpers import changed, datamodule, snapshot, trainer
+from helpers import build_ppo, changed, datamodule, snapshot, trainer
 from test_conventions import CHATML
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from datamodules import PromptDataModule
-from modules import PPOModule
 from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.errors import InputError
-from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.models import HFModel, TinyModel
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.rewards import ModelReward
-from rlhf_lit.rollout import PPOConfig
 from rlhf_lit.tokenizer import HFTokenizer
 
 
@@ -75,17 +72,7 @@ def ppo(actor, critic, reward, tokenizer, tmp_path, steps=2):
         batch_size=2,
         max_prompt_len=24,
     )
-    module = PPOModule(
-        actor=actor,
-        critic=critic,
-        reward=reward,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-        generation=GenerationConfig(max_new_tokens=6),
-        algo=PPOConfig(ema_beta=None),
-    )
-    dm.setup("fit")
-    module.tokenizer = dm.tokenizer
-    module.configure_model()
+    module = build_ppo(dm, actor=actor, critic=critic, reward=reward)
     before = snapshot(module.ac.policy)
     t = trainer(tmp_path, max_steps=steps)
     t.fit(module, datamodule=dm)
