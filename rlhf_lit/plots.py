@@ -45,6 +45,17 @@ def reward_vs_kl(runs: dict[str, Path], out: Path, title: str = "", window: int 
         g = read_series(Path(path), ["objective/kl", "objective/monitor_scores"])
         if g["objective/kl"]:
             gold_ax.plot(smooth(g["objective/kl"], window), smooth(g["objective/monitor_scores"], window), label=name)
+    if not gold_ax.lines:  # no gold monitor (a real task): the proxy panel alone
+        gold_ax.text(
+            0.5,
+            0.5,
+            "no gold reward monitored\n(a task without a known true reward)",
+            ha="center",
+            va="center",
+            transform=gold_ax.transAxes,
+            color="0.4",
+        )
+        gold_ax.set_xticks([]), gold_ax.set_yticks([])
     gold_ax.set(xlabel="KL(policy || reference), nats per response", ylabel="gold reward", title="gold (true) reward")
     proxy_ax.set(
         xlabel="KL(policy || reference), nats per response",
