@@ -83,7 +83,7 @@ def run_ppo(w: Path, tok, records, steps: int, log: StepLog) -> None:
     ac = ActorCritic(policy, load_scalar_model(str(w / "reward"))).train()
     ref = AutoModelForCausalLM.from_pretrained(w / "policy").eval().requires_grad_(False)
     reward = load_scalar_model(str(w / "reward")).eval().requires_grad_(False)
-    score = lambda prompts, texts, ids, mask: reward.score(ids, mask)  # noqa: E731
+    score = lambda prompts, texts, ids, mask: reward.score(ids, mask)
     opt = optimizer(ac)
     gen = GenerationConfig(max_new_tokens=H["response_length"], temperature=H["temperature"])
     log.start()

@@ -132,7 +132,7 @@ def run_ppo(w: Path, steps: int, warmup: int, out: str) -> None:
     )
     load = lambda cls, d: cls.from_pretrained(
         w / d, **({"num_labels": 1} if cls is AutoModelForSequenceClassification else {})
-    )  # noqa: E731
+    )
     log = StepLog()
     work = [{"units": H["batch_size"]}] * steps
     trainer = PPOTrainer(

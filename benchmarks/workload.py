@@ -71,7 +71,7 @@ def dialogue_rows(seed: int, n: int) -> list[dict]:
             turns.append(f"\n\nHuman: {sentence(rng, words, rng.randint(3, 9))}")
             turns.append(f"\n\nAssistant: {sentence(rng, words, rng.randint(3, 9))}")
         context = "".join(turns[:-1]) + "\n\nAssistant:"
-        reply = lambda: " " + " ".join(sentence(rng, words, rng.randint(3, 8)) for _ in range(rng.randint(1, 3)))  # noqa: E731
+        reply = lambda: " " + " ".join(sentence(rng, words, rng.randint(3, 8)) for _ in range(rng.randint(1, 3)))
         a, b = reply(), reply()
         while b == a:
             b = reply()
@@ -97,7 +97,7 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     save_atomically(tok, str(out / "tokenizer"))
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     # The limits: prompts <= 64 tokens, answers (with eos) <= 64. Rows beyond them are dropped and counted.
-    n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
     keep = [
         i
         for i, r in enumerate(records)

@@ -90,7 +90,7 @@ def make_response(prompt: str, rng: random.Random, flaw: float, off_task: bool =
     as good everywhere, and PPO exploits exactly that (seen on this task).
     """
     ask = instruction(prompt)
-    bad = lambda: rng.random() < flaw  # noqa: E731
+    bad = lambda: rng.random() < flaw
     if off_task and bad() and rng.random() < 0.3:
         other = make_prompt(rng)
         while instruction(other).split()[0] == ask.split()[0]:

@@ -343,7 +343,7 @@ class PPOModule(StageModule):
             self.kl.load_state_dict(checkpoint["kl_controller"])
 
     def export_models(self):
-        save = lambda m: lambda out: merged(m).save_pretrained(out, safe_serialization=True)  # noqa: E731
+        save = lambda m: lambda out: merged(m).save_pretrained(out, safe_serialization=True)
         out = {"actor": save(self.ac.policy)}
         if self.ema is not None:
             out["actor_ema"] = save(self.ema)

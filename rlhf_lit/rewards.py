@@ -42,7 +42,7 @@ def same_tokenization(a, b) -> bool:
     that two different resizes can make equal (issue #17)."""
     if a.get_vocab() != b.get_vocab():
         return False
-    specials = lambda t: (t.bos_token, t.eos_token, t.unk_token)  # noqa: E731
+    specials = lambda t: (t.bos_token, t.eos_token, t.unk_token)
     fa, fb = ChatFormat(a), ChatFormat(b)
     return specials(a) == specials(b) and (a.chat_template or None) == (b.chat_template or None) and fa.bos == fb.bos
 

@@ -83,7 +83,7 @@ def test_ppo_wiring_frozen_parts_ema_and_exports(tokenizer_dir, reward_export, t
     assert opt_params == {id(p) for p in module.ac.parameters()}  # one optimizer, actor + critic only
     assert {g["initial_lr"] for g in t.optimizers[0].param_groups} == {3e-3, 1e-3}  # actor and critic lr
     # EMA: away from the actor, and between its start and the actor.
-    flat = lambda ps: torch.cat([p.detach().flatten() for p in ps])  # noqa: E731
+    flat = lambda ps: torch.cat([p.detach().flatten() for p in ps])
     start, actor, ema = flat(actor0.values()), flat(module.ac.policy.parameters()), flat(module.ema.parameters())
     assert not torch.equal(ema, actor)
     assert (ema - start).norm() < (actor - start).norm() and (ema - actor).norm() < (start - actor).norm()

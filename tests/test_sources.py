@@ -91,7 +91,7 @@ def test_tldr_layouts_give_the_same_records(tmp_path):
     ]
     a = load_source("tldr", str(write_jsonl(tmp_path / "a.jsonl", openai)))
     b = load_source("tldr", str(write_jsonl(tmp_path / "b.jsonl", carper)))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "source"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "source"} for r in rs]
     assert strip(a.records) == strip(b.records) and a.kept == 1
     assert a.dropped == b.dropped == {"empty_response": 1}
 
