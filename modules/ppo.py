@@ -98,6 +98,7 @@ class PPOModule(StageModule):
         self.value_head_on_actor = value_head_on_actor and self.advantage.needs_critic
         self.samples_every, self.dropout = samples_every, dropout
         self.ac = self.ref = self.ema = None
+        self.dropout_active = False
         self.samples: list[dict] = []
         self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
 
@@ -118,6 +119,7 @@ class PPOModule(StageModule):
         self.ac = ActorCritic(policy, critic, head)
         if self.dropout is not None:
             set_dropout(self.ac, self.dropout)
+        self.dropout_active = has_dropout(self.ac)  # then a train-mode forward is not the scoring pass
         if self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
@@ -231,7 +233,7 @@ class PPOModule(StageModule):
             self.algo.fuse_first_forward
             and self.algo.ppo_epochs == 1
             and self.algo.num_minibatches == 1
-            and not has_dropout(self.ac)
+            and not self.dropout_active
         )
         ro = self.rollout(prompts, score_policy=not fused)
         t0, out = time.perf_counter(), None
