@@ -2,7 +2,7 @@
 LightningDataModule per stage. ``sources``, ``blend``, ``collate`` and ``synthetic`` import no lightning;
 the DataModules are loaded lazily so importing the normalizers stays light."""
 
-from datamodules import sources, synthetic  # noqa: F401  (registers the sources)
+from datamodules import sources, synthetic, verifiable  # noqa: F401  (registers the sources)
 from datamodules.blend import Blend, SourceSpec
 
 _LAZY = {"SFTDataModule", "PreferenceDataModule", "PromptDataModule", "StageDataModule"}

@@ -33,6 +33,8 @@ def view(record: dict, stage: str) -> dict:
     base = {"source": record["source"], "row": record["row"], "prompt": record["prompt"]}
     if "messages" in record:  # conversational rows render their messages through the chat template
         base["messages"] = record["messages"]
+    if "columns" in record:  # a row's extra fields (e.g. a reference answer) reach reward functions (#15)
+        base["columns"] = record["columns"]
     if stage == "sft":
         return {**base, "response": record.get("response", record.get("chosen"))}
     if stage == "reward":

@@ -141,11 +141,14 @@ def encode_prompts(tok, records: list[dict], max_len: int) -> tuple[list[dict], 
         if not p:
             dropped["empty_prompt"] += 1
             continue
-        out.append({"prompt_ids": p[-max_len:], "prompt": rec["prompt"]})
+        out.append({"prompt_ids": p[-max_len:], "prompt": rec["prompt"], "columns": rec.get("columns") or {}})
     return out, dropped
 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict:
-    """Left-padded prompts for generation: prompt_ids, prompt_mask (B, T) and the prompt texts."""
+    """Left-padded prompts for generation: prompt_ids, prompt_mask (B, T), the prompt texts and the rows'
+    extra columns, ``{name: [value per row]}`` (None where a row lacks one)."""
     ids, mask = pad([x["prompt_ids"] for x in items], pad_id, side="left")
-    return {"prompt_ids": ids, "prompt_mask": mask, "prompt": [x["prompt"] for x in items]}
+    names = sorted({k for x in items for k in x.get("columns", {})})
+    columns = {k: [x.get("columns", {}).get(k) for x in items] for k in names}
+    return {"prompt_ids": ids, "prompt_mask": mask, "prompt": [x["prompt"] for x in items], "columns": columns}

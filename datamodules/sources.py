@@ -2,8 +2,9 @@
 
 Records are dicts with ``source`` and ``row`` (the original row index) plus some of:
 ``prompt``, ``response`` (SFT), ``chosen``/``rejected`` (+ optional ``margin``) (preference).
-Prompt-only use needs just ``prompt``. Responses are the raw text that follows the prompt, so
-``prompt + response`` is the original text.
+Prompt-only use needs just ``prompt``. ``columns`` holds a row's extra fields kept on request (e.g. a
+reference ``answer``): they travel with the prompt to reward functions. Responses are the raw text that
+follows the prompt, so ``prompt + response`` is the original text.
 
 A normalizer factory is registered by name and called with the source's options; it returns a
 function ``row -> record`` that raises :class:`Drop` for rows the data says to skip (counted by
@@ -192,15 +193,27 @@ def rm_static() -> Normalizer:
     return lambda row: pair(text(row, "prompt"), text(row, "chosen"), text(row, "rejected"))
 
 
+def columns(row: dict, names: Optional[list[str]]) -> dict:
+    """``{"columns": {name: row[name]}}`` for the extra fields kept on request ({} when none are asked);
+    a missing one is a BadRow naming it."""
+    if not names:
+        return {}
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise BadRow(f"missing_field:{missing[0]}", f"field {missing[0]!r} (listed in 'extra') is missing")
+    return {"columns": {n: row[n] for n in names}}
+
+
 @register("prompts")
-def prompts(template: str = HH_TEMPLATE, field: str = "prompt") -> Normalizer:
-    """Prompt-only CSV/JSON (e.g. awesome-chatgpt-prompts: act, prompt), wrapped in ``template``."""
+def prompts(template: str = HH_TEMPLATE, field: str = "prompt", extra: Optional[list[str]] = None) -> Normalizer:
+    """Prompt-only CSV/JSON (e.g. awesome-chatgpt-prompts: act, prompt), wrapped in ``template``. ``extra``
+    names columns kept for reward functions (e.g. ``[answer]``)."""
 
     def norm(row):
         value = text(row, field)
         if not value.strip():
             raise Drop("empty_prompt")
-        return {"prompt": template.format(prompt=value)}
+        return {"prompt": template.format(prompt=value), **columns(row, extra)}
 
     return norm
 
@@ -242,12 +255,15 @@ def split_conversation(messages: list[dict]) -> tuple[list[dict], Optional[str]]
 
 
 @register("json")
-def generic(fields: Optional[dict[str, str]] = None, template: str = "{prompt}") -> Normalizer:
+def generic(
+    fields: Optional[dict[str, str]] = None, template: str = "{prompt}", extra: Optional[list[str]] = None
+) -> Normalizer:
     """Any local table: ``fields`` maps record keys (prompt, response, chosen, rejected, margin, messages)
     to columns. Conversational rows are read too: ``messages`` (a list of ``{role, content}``; a final
     assistant message is the SFT response), and ``prompt`` / ``chosen`` / ``rejected`` given as message
     lists (TRL's conversational layout). Such records keep ``messages`` (rendered through the tokenizer's
-    chat template) and an HH-text ``prompt`` (what reward functions read)."""
+    chat template) and an HH-text ``prompt`` (what reward functions read). ``extra`` names unmapped columns
+    kept with the record (e.g. ``[answer, tests]``): reward functions receive them as keyword arguments."""
     fields = fields or {"prompt": "prompt", "response": "response"}
     unknown = set(fields) - {"prompt", "response", "chosen", "rejected", "margin", "messages"}
     if unknown or not {"prompt", "messages"} & set(fields):
@@ -274,6 +290,7 @@ def generic(fields: Optional[dict[str, str]] = None, template: str = "{prompt}")
                 rec[k] = reply(row, fields[k])
         if "margin" in fields:
             rec["margin"] = number(row, fields["margin"])
+        rec.update(columns(row, extra))
         if "response" in rec and not rec["response"].strip():
             raise Drop("empty_response")
         if "chosen" in rec and "rejected" in rec:

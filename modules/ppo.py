@@ -29,7 +29,7 @@ from rlhf_lit.models import (
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, clip_grad_norms, param_groups
 from rlhf_lit.rewards import RewardSource
-from rlhf_lit.rollout import ActorCritic, PPOConfig, Rollout, make_rollout
+from rlhf_lit.rollout import ActorCritic, PPOConfig, Rollout, concat_rollouts, make_rollout, select_rows
 from rlhf_lit.stage import StageModule
 
 
@@ -67,8 +67,9 @@ class PPOModule(StageModule):
         optimizer: optimizer class and arguments; its lr is the actor's (the critic's is algo.critic_lr).
         schedule: warmup + decay of both learning rates.
         weight_decay: decoupled weight decay of the weight matrices.
-        kl: KL coefficient controller (default: fixed beta 0.05).
-        advantage: advantage estimator: GAE (default), GRPO or RLOO.
+        kl: KL coefficient controller (default: fixed beta 0.05). A fixed 0 means no KL anywhere: the
+            reference model is then not built.
+        advantage: advantage estimator: GAE (default), GRPO, DrGRPO, RLOO or REINFORCEPP.
         generation: rollout sampling settings.
         algo: the PPO update's knobs.
         lora: train low-rank adapters on the actor.
@@ -95,11 +96,14 @@ class PPOModule(StageModule):
                 f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
                 "export) or value_head_on_actor: true"
             )
+        if self.algo.dynamic_sampling and self.advantage.samples_per_prompt < 2:
+            raise ValueError("algo.dynamic_sampling needs a group estimator (samples_per_prompt >= 2), e.g. GRPO")
         self.value_head_on_actor = value_head_on_actor and self.advantage.needs_critic
         self.samples_every, self.dropout = samples_every, dropout
         self.ac = self.ref = self.ema = None
         self.dropout_active = False
         self.samples: list[dict] = []
+        self.pending: Optional[Rollout] = None  # dynamic sampling: informative groups not yet trained on
         self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
 
     def configure_model(self) -> None:
@@ -120,7 +124,7 @@ class PPOModule(StageModule):
         if self.dropout is not None:
             set_dropout(self.ac, self.dropout)
         self.dropout_active = has_dropout(self.ac)  # then a train-mode forward is not the scoring pass
-        if self.lora is None:
+        if self.lora is None and self.uses_reference:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
             source.build(self.tokenizer)
@@ -135,6 +139,11 @@ class PPOModule(StageModule):
         # here the eval-mode ones are exactly the frozen ones, on purpose.
         self.train()
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+    @property
+    def uses_reference(self) -> bool:
+        """False when the KL coefficient is a fixed 0: no penalty, no loss term, no reference model."""
+        return not (type(self.kl) is FixedKL and self.kl.value == 0)
 
     def trainable_groups(self):
         groups = param_groups(self.ac.policy, self.weight_decay)
@@ -159,10 +168,11 @@ class PPOModule(StageModule):
     # -- the algorithm ------------------------------------------------------------------------
     def rollout(self, batch, score_policy: bool = True) -> Rollout:
         ids, mask, prompts = batch["prompt_ids"], batch["prompt_mask"], batch["prompt"]
-        k = self.advantage.samples_per_prompt
+        columns, k = batch.get("columns") or {}, self.advantage.samples_per_prompt
         if k > 1:  # group estimators: k samples of every prompt, adjacent rows
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             prompts = [p for p in prompts for _ in range(k)]
+            columns = {name: [v for v in col for _ in range(k)] for name, col in columns.items()}
         return make_rollout(
             self.ac,
             self.ref,
@@ -172,20 +182,45 @@ class PPOModule(StageModule):
             mask,
             prompts,
             self.gen,
-            ref_from_adapters=self.lora is not None,
+            ref_from_adapters=self.lora is not None and self.uses_reference,
             score_policy=score_policy,
+            columns=columns,
         )
 
+    def informative(self, ro: Rollout) -> Optional[Rollout]:
+        """DAPO's dynamic sampling: keep the groups whose scores differ, and return a full batch (as many
+        rows as this rollout had) once enough are pending, else None. The policy does not change while
+        groups wait, so their old log-probs stay valid. Every rank decides together."""
+        target, k = ro.mask.size(0), self.advantage.samples_per_prompt
+        keep = ppo.varied_groups(ro.scores, k)
+        self.log("rollout/informative_fraction", keep.float().mean(), batch_size=target)
+        kept = select_rows(ro, keep)
+        pad = self.tokenizer.pad_token_id
+        self.pending = kept if self.pending is None else concat_rollouts([self.pending, kept], pad)
+        short = torch.tensor(float(self.pending.mask.size(0) < target), device=ro.mask.device)
+        if self.trainer.world_size > 1:
+            short = self.trainer.strategy.reduce(short, reduce_op="sum")
+        if short > 0:
+            return None
+        out, self.pending = select_rows(self.pending, torch.arange(self.pending.mask.size(0)) < target), None
+        return out
+
     def rewards(self, ro: Rollout):
-        """Clipped (and eos-penalised) scores plus the per-token KL penalty. Returns (B, R) and stats."""
-        scores = ro.scores
-        if self.algo.missing_eos_penalty is not None:
-            scores = scores - self.algo.missing_eos_penalty * (~ro.ended).float()
-        if self.algo.score_clip is not None:
-            scores = scores.clamp(-self.algo.score_clip, self.algo.score_clip)
-        rewards, stats = ppo.shaped_rewards(
-            scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl.value, self.algo.kl_estimator
-        )
+        """Clipped (eos- and overlong-penalised) scores plus the per-token KL penalty (none when the KL is
+        in the loss). Returns (B, R) and stats (no KL stats without a reference)."""
+        a, scores = self.algo, ro.scores
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * (~ro.ended).float()
+        if a.overlong_buffer is not None:
+            length, most = ro.mask.sum(-1), self.gen.max_new_tokens
+            scores = scores + ppo.overlong_penalty(length, most, a.overlong_buffer, a.overlong_penalty)
+        if a.score_clip is not None:
+            scores = scores.clamp(-a.score_clip, a.score_clip)
+        ref = ro.ref_logprobs if ro.ref_logprobs is not None else ro.logprobs
+        coef = 0.0 if a.kl_in_loss else self.kl.value
+        rewards, stats = ppo.shaped_rewards(scores, ro.logprobs, ref, ro.mask, coef, a.kl_estimator)
+        if ro.ref_logprobs is None:
+            stats = {"rlhf_reward": stats["rlhf_reward"]}
         if self.algo.whiten_rewards:
             rewards = ppo.whiten(rewards, ro.mask, shift_mean=False, sum_fn=self.sum_over_ranks)
         return rewards, stats
@@ -205,14 +240,21 @@ class PPOModule(StageModule):
 
     def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None):
         """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused)."""
-        a = self.algo
+        a, norm = self.algo, float(self.gen.max_new_tokens)
         mask = ro.mask[idx]
+        if a.overlong_filter:  # truncated responses carry no signal about where to stop (DAPO)
+            mask = mask * ro.ended[idx].unsqueeze(-1).float()
         if out is None:
             out = self.ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.gen.temperature)
         else:
             out = tuple(t[idx] if t is not None else None for t in out)
         logprobs, entropy, values = out
-        loss, stats = ppo.policy_loss(logprobs, ro.logprobs[idx], adv[idx], mask, a.clip_eps)
+        loss, stats = ppo.policy_loss(
+            logprobs, ro.logprobs[idx], adv[idx], mask, a.clip_eps, a.clip_eps_high, a.loss_agg, norm
+        )
+        if a.kl_in_loss and ro.ref_logprobs is not None:
+            kl, kl_stats = ppo.kl_loss(logprobs, ro.ref_logprobs[idx], mask, a.kl_estimator, a.loss_agg, norm)
+            loss, stats = loss + self.kl.value * kl, {**stats, **kl_stats}
         stats["ratio_max"] = torch.exp((logprobs - ro.logprobs[idx]) * mask).max().detach()
         if values is not None:
             vf, vf_stats = ppo.value_loss(values, ro.values[idx], ret[idx], mask, a.value_clip)
@@ -236,6 +278,8 @@ class PPOModule(StageModule):
             and not self.dropout_active
         )
         ro = self.rollout(prompts, score_policy=not fused)
+        if self.algo.dynamic_sampling and (ro := self.informative(ro)) is None:
+            return  # not yet a full batch of informative groups: sample the next prompts first
         t0, out = time.perf_counter(), None
         if fused:  # the old log-probs/values are the training forward's, detached (one pass instead of two)
             out = self.ac(ro.input_ids, ro.attention_mask, ro.prompt_len, self.gen.temperature)
@@ -261,12 +305,10 @@ class PPOModule(StageModule):
                 self.update_ema()
                 per_step.append(stats)
         # Every rank must hold the same beta: the controller sees the KL averaged over ranks.
-        kl = (
-            self.trainer.strategy.reduce(kl_stats["kl"], reduce_op="mean")
-            if self.trainer.world_size > 1
-            else kl_stats["kl"]
-        )
-        self.kl.update(float(kl), n * self.trainer.world_size)
+        if "kl" in kl_stats:
+            kl = kl_stats["kl"]
+            kl = self.trainer.strategy.reduce(kl, reduce_op="mean") if self.trainer.world_size > 1 else kl
+            self.kl.update(float(kl), n * self.trainer.world_size)
 
         self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}
         if self.logging_step():
@@ -311,9 +353,7 @@ class PPOModule(StageModule):
         n_tok = float(ro.mask.sum())
         logs = {
             "objective/scores": ro.scores.mean(),
-            "objective/kl": kl_stats["kl"],
-            "objective/non_score_reward": kl_stats["non_score_reward"],
-            "objective/rlhf_reward": kl_stats["rlhf_reward"],
+            **{f"objective/{k}": v for k, v in kl_stats.items()},  # kl, non_score_reward, rlhf_reward
             "objective/entropy": masked_mean(ro.entropy, ro.mask),
             "objective/kl_coef": self.kl.value,
             "rollout/response_len_mean": ro.mask.sum(-1).mean(),
@@ -327,7 +367,7 @@ class PPOModule(StageModule):
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
             logs["objective/monitor_scores"] = self.monitor(
-                ro.prompts, ro.responses, ro.input_ids, ro.attention_mask
+                ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns
             ).mean()
         for key in per_step[0] if per_step else []:
             logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()

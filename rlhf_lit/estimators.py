@@ -5,6 +5,7 @@ Torch only. Each turns shaped per-token rewards into per-token advantages and re
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rlhf_lit import ppo
@@ -55,11 +56,12 @@ class GroupBaseline(AdvantageEstimator):
 
     def __init__(self, baseline: str = "grpo", samples_per_prompt: int = 4) -> None:
         """Args:
-        baseline: 'grpo' (group mean and std) or 'rloo' (leave-one-out mean).
+        baseline: 'grpo' (group mean and std), 'rloo' (leave-one-out mean) or 'mean' (group mean only,
+            Dr. GRPO).
         samples_per_prompt: completions sampled for each prompt (the group size, >= 2).
         """
-        if baseline not in ("grpo", "rloo"):
-            raise ValueError(f"baseline must be 'grpo' or 'rloo', got {baseline!r}")
+        if baseline not in ppo.GROUP_BASELINES:
+            raise ValueError(f"baseline must be one of {ppo.GROUP_BASELINES}, got {baseline!r}")
         if samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
         self.baseline, self.samples_per_prompt = baseline, samples_per_prompt
@@ -80,6 +82,17 @@ class GRPO(GroupBaseline):
         super().__init__("grpo", samples_per_prompt)
 
 
+class DrGRPO(GroupBaseline):
+    """GRPO without the std division (Liu et al. 2025, "Understanding R1-Zero-like training"). Pair it
+    with ``algo.loss_agg: seq_mean_token_sum_norm`` for the paper's constant loss normaliser."""
+
+    def __init__(self, samples_per_prompt: int = 4) -> None:
+        """Args:
+        samples_per_prompt: completions sampled for each prompt (>= 2).
+        """
+        super().__init__("mean", samples_per_prompt)
+
+
 class RLOO(GroupBaseline):
     """REINFORCE leave-one-out baseline (Ahmadian et al. 2024)."""
 
@@ -88,3 +101,35 @@ class RLOO(GroupBaseline):
         samples_per_prompt: completions sampled for each prompt (>= 2).
         """
         super().__init__("rloo", samples_per_prompt)
+
+
+class REINFORCEPP(AdvantageEstimator):
+    """REINFORCE++ (Hu 2025): no critic; every token's advantage is its return (the score at the last
+    token plus the per-token KL penalties after it), then normalised over the global batch's tokens
+    (``algo.whiten_advantages``, on by default). One sample per prompt by default; with
+    ``samples_per_prompt`` > 1 and ``group_baseline`` the group's mean score is subtracted first
+    (REINFORCE++-baseline)."""
+
+    needs_critic = False
+
+    def __init__(self, gamma: float = 1.0, samples_per_prompt: int = 1, group_baseline: bool = False) -> None:
+        """Args:
+        gamma: discount over response tokens.
+        samples_per_prompt: completions sampled for each prompt.
+        group_baseline: subtract each group's mean sequence reward (needs samples_per_prompt >= 2).
+        """
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"REINFORCEPP needs gamma in [0, 1], got {gamma}")
+        if samples_per_prompt < 1 or (group_baseline and samples_per_prompt < 2):
+            raise ValueError(f"samples_per_prompt must be >= 1 (>= 2 with group_baseline), got {samples_per_prompt}")
+        self.gamma, self.samples_per_prompt, self.group_baseline = gamma, samples_per_prompt, group_baseline
+
+    def __call__(self, rewards, values, mask):
+        if self.group_baseline:  # the group mean of the summed rewards, taken off at the last token
+            seq = (rewards * mask).sum(-1)
+            base = seq - ppo.group_advantages(seq, self.samples_per_prompt, "mean")
+            rewards = rewards.clone()
+            last = mask.sum(-1).long().clamp(min=1) - 1
+            rewards[torch.arange(rewards.size(0)), last] -= base
+        ret = ppo.discounted_returns(rewards, mask, self.gamma)
+        return ret, ret

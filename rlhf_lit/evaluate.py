@@ -52,9 +52,11 @@ def evaluate_policy(
     seed: int = 0,
     examples: int = 3,
     chat_template: str = "auto",
+    columns: Optional[dict[str, list]] = None,
 ) -> dict:
     """Mean/std of each reward source over sampled responses, response length, and the KL (sum of
-    log p_policy - log p_ref over response tokens, averaged over prompts) when a reference is given."""
+    log p_policy - log p_ref over response tokens, averaged over prompts) when a reference is given.
+    ``columns``: the prompts' extra fields, ``{name: [value per prompt]}``, given to the reward sources."""
     gen = gen or GenerationConfig()
     model, tok = load_policy(policy, chat_template)
     texts, batches = sample(model, tok, prompts, gen, batch_size, seed)
@@ -62,8 +64,10 @@ def evaluate_policy(
     for name, source in rewards.items():
         source.build(tok)
         scores = []
-        for (ids, mask, _, _), chunk, resp in zip(batches, _chunks(prompts, batch_size), _chunks(texts, batch_size)):
-            scores += source(chunk, resp, ids, mask).tolist()
+        for i, (ids, mask, _, _) in enumerate(batches):
+            chunk, resp = prompts[i * batch_size : (i + 1) * batch_size], texts[i * batch_size : (i + 1) * batch_size]
+            cols = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in (columns or {}).items()}
+            scores += source(chunk, resp, ids, mask, cols).tolist()
         out[f"{name}_mean"], out[f"{name}_std"] = statistics.mean(scores), statistics.pstdev(scores)
         out[f"{name}_scores"] = scores
     if reference:

@@ -89,8 +89,12 @@ def with_logger(cfg: dict, logger: list | None, name: str, seed: int) -> dict:
                 init = spec.setdefault("init_args", {})
                 init.update(name=f"{name}/{stage}/seed{seed}", tags=[*init.get("tags", []), stage, name])
             loggers.append(spec)
-        plan = out[stage]
-        out[stage] = {**plan, "overrides": deep_merge(plan.get("overrides") or {}, {"trainer": {"logger": loggers}})}
+        plan = out.get(stage)
+        if plan:  # a pipeline may leave a stage out (e.g. no reward stage with a rule checker)
+            out[stage] = {
+                **plan,
+                "overrides": deep_merge(plan.get("overrides") or {}, {"trainer": {"logger": loggers}}),
+            }
     return out
 
 
@@ -131,13 +135,14 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def compare(rows: dict[str, list[dict]], questions: dict[str, str]) -> str:
+def compare(rows: dict[str, list[dict]], questions: dict[str, str], columns=None) -> str:
+    columns = columns or COLUMNS
     lines = [
-        "| experiment | question | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(COLUMNS),
+        "| experiment | question | seeds | " + " | ".join(h for h, _, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for name, summaries in rows.items():
-        cells = [fmt([s[sec][key] for s in summaries if key in s.get(sec, {})]) for _, sec, key in COLUMNS]
+        cells = [fmt([s[sec][key] for s in summaries if key in s.get(sec, {})]) for _, sec, key in columns]
         lines.append(
             f"| {name} | {questions.get(name, 'the base recipe')} | {len(summaries)} | " + " | ".join(cells) + " |"
         )
@@ -155,6 +160,8 @@ def run_study(
     base = deep_merge(base, spec.get("overrides") or {})
     experiments = [e for e in experiment_files(study) if not only or e[0] in only]
     questions = {name: question(f) for name, _, f in experiments}
+    if spec.get("base_question"):
+        questions["base"] = spec["base_question"]
     rows: dict[str, list[dict]] = {"base": []}
     logger = spec.get("logger")
     for seed in seeds:
@@ -164,16 +171,24 @@ def run_study(
             reuse_stages(out / "base" / f"seed{seed}", run, stage)
             cfg = pipeline_config(base, stage, yaml.safe_load(f.read_text()) or {})
             rows.setdefault(name, []).append(run_pipeline(with_logger(cfg, logger, name, seed), run, seed))
-    table = compare(rows, questions)
+    publish = Path(spec["results"]) if spec.get("results") else None
+    if only and publish is not None and (publish / "results.json").exists():
+        # --only re-runs some rows: the others are kept from the committed results, in their order
+        kept = json.loads((publish / "results.json").read_text())
+        rows = {**kept, **rows}
+        questions = {**{n: question(f) for n, _, f in experiment_files(study)}, **questions}
+    table = compare(rows, questions, [tuple(c) for c in spec["columns"]] if spec.get("columns") else None)
     (out / "results.md").write_text(
         f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}"
     )
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     plot(out, list(rows), seeds[0])
-    if spec.get("results"):  # the small artefacts that are committed beside the study
-        publish = Path(spec["results"])
+    from rlhf_lit.plots import final_vs_kl
+
+    final_vs_kl(rows, out / "final_vs_kl.png", spec.get("score_label", "gold reward (held-out mean)"), study.name)
+    if publish is not None:  # the small artefacts that are committed beside the study
         publish.mkdir(parents=True, exist_ok=True)
-        for name in ("results.md", "results.json", "reward_vs_kl.png"):
+        for name in ("results.md", "results.json", "reward_vs_kl.png", "final_vs_kl.png"):
             shutil.copy(out / name, publish / name)
     print(table)
     return out

@@ -81,8 +81,8 @@ class Pipeline:
         run_dir: str,
         blend: dict,
         sft: StagePlan,
-        reward: StagePlan,
         ppo: StagePlan,
+        reward: Optional[StagePlan] = None,
         tokenizer: Optional[dict] = None,
         reward_init_from_sft: bool = True,
         evaluation: Optional[EvalPlan] = None,
@@ -93,8 +93,9 @@ class Pipeline:
         blend: the data blend of every stage (init args of datamodules.Blend); its seeded split keeps
             the stages' rows disjoint.
         sft: the SFT stage.
-        reward: the reward stage.
         ppo: the PPO stage.
+        reward: the reward stage (null: none; the PPO stage's config then names its reward source, e.g. a
+            rule checker, and its critic starts from the SFT export with a new value head).
         tokenizer: tokenizer spec of stage 1 (class_path/init_args); default: a BPE trained on the blend,
             saved in RUN_DIR/tokenizer. Later stages use the SFT export's tokenizer.
         reward_init_from_sft: start the reward model from the SFT export (else from its config's model).
@@ -102,7 +103,8 @@ class Pipeline:
         checkpoint_every_n_steps: how often each stage saves the checkpoint a re-run resumes from.
         """
         self.run_dir = Path(run_dir)
-        self.blend, self.plans = blend, {"sft": sft, "reward": reward, "ppo": ppo}
+        self.blend = blend
+        self.plans = {k: v for k, v in (("sft", sft), ("reward", reward), ("ppo", ppo)) if v is not None}
         self.tokenizer = tokenizer or spec(
             "rlhf_lit.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"), vocab_size=1000
         )
@@ -154,8 +156,13 @@ class Pipeline:
             model["model"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
         if stage == "ppo":
             model["actor"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
-            model["critic"] = spec("rlhf_lit.models.HFModel", path=self.export("reward"))
-            model["reward"] = spec("rlhf_lit.rewards.ModelReward", path=self.export("reward"), normalize=True)
+            if "reward" in self.plans:
+                model["critic"] = spec("rlhf_lit.models.HFModel", path=self.export("reward"))
+                model["reward"] = spec("rlhf_lit.rewards.ModelReward", path=self.export("reward"), normalize=True)
+            else:
+                model["critic"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
+                if "reward" not in model:
+                    raise InputError("ppo: without a reward stage, the PPO config must set model.init_args.reward")
             if self.evaluation.gold:
                 model["monitor"] = spec("rlhf_lit.rewards.CallableReward", function=self.evaluation.gold)
         return cfg
@@ -208,12 +215,15 @@ class Pipeline:
         from rlhf_lit.rewards import CallableReward, ModelReward
 
         ev = self.evaluation
-        if "heldout_accuracy" not in self.summary.get("reward", {}):
+        if "reward" in self.plans and "heldout_accuracy" not in self.summary.get("reward", {}):
             self.record(
                 "reward", reward_accuracy(self.export("reward"), self.heldout("reward")[: ev.reward_pairs], ev.gold)
             )
-        prompts = [r["prompt"] for r in self.heldout("ppo")][: ev.prompts]
-        rewards = {"rm_score": ModelReward(self.export("reward"), normalize=False)}
+        records = self.heldout("ppo")[: ev.prompts]
+        prompts = [r["prompt"] for r in records]
+        names = {k for r in records for k in r.get("columns", {})}  # e.g. a reference answer for a checker
+        columns = {k: [r.get("columns", {}).get(k) for r in records] for k in names}
+        rewards = {"rm_score": ModelReward(self.export("reward"), normalize=False)} if "reward" in self.plans else {}
         if ev.gold:
             rewards["gold_reward"] = CallableReward(ev.gold)
         gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
@@ -225,13 +235,15 @@ class Pipeline:
         ):
             if not Path(path).exists():
                 continue
-            res = evaluate_policy(path, prompts, rewards, self.export("sft"), gen, seed=ev.seed, examples=ev.examples)
-            scores[name] = res.pop("gold_reward_scores" if ev.gold else "rm_score_scores")
+            res = evaluate_policy(
+                path, prompts, rewards, self.export("sft"), gen, seed=ev.seed, examples=ev.examples, columns=columns
+            )
+            scores[name] = res.pop("gold_reward_scores" if ev.gold else "rm_score_scores", None)
             res.pop("rm_score_scores", None)
             self.record(name, res)
         judge = "gold" if ev.gold else "rm"
         for name in ("ppo", "ppo_ema"):
-            if name in scores:
+            if scores.get(name) is not None and scores.get("sft") is not None:
                 self.record(name, {f"win_rate_vs_sft_{judge}": win_rate(scores[name], scores["sft"])})
         if "ppo" in self.summary and "sft" in self.summary and ev.gold:
             sft, ppo = self.summary["sft"], self.summary["ppo"]
@@ -253,7 +265,8 @@ class Pipeline:
     def run(self) -> dict:
         t0 = time.time()
         for stage in STAGES:
-            self.run_stage(stage)
+            if stage in self.plans:
+                self.run_stage(stage)
         self.evaluate()
         self.plot()
         self.record("pipeline", {"wall_s_this_invocation": round(time.time() - t0, 1)})

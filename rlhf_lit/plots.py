@@ -67,8 +67,53 @@ def reward_vs_kl(runs: dict[str, Path], out: Path, title: str = "", window: int 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title or "reward against KL over PPO training")
+    return save(fig, out)
+
+
+def save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def final_vs_kl(rows: dict[str, list[dict]], out: Path, ylabel: str, title: str = "") -> Path:
+    """Each method's held-out score against its KL to the SFT policy at the end of training: one point
+    per seed, the mean with ± one std bars, and the SFT policy at KL 0 (from the evaluation summaries)."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    colors = plt.get_cmap("tab10").colors
+    sft = [
+        s["sft"]["gold_reward_mean"] for runs in rows.values() for s in runs if "gold_reward_mean" in s.get("sft", {})
+    ]
+    if sft:
+        ax.axhline(statistics.mean(sft), color="0.5", ls="--", lw=1, label=f"SFT ({statistics.mean(sft):.3f})")
+    for i, (name, runs) in enumerate(rows.items()):
+        pts = [
+            (s["ppo"]["kl"], s["ppo"]["gold_reward_mean"])
+            for s in runs
+            if {"kl", "gold_reward_mean"} <= set(s.get("ppo", {}))
+        ]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        c = colors[i % len(colors)]
+        ax.scatter(xs, ys, color=c, alpha=0.35, s=18)
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        ax.errorbar(
+            statistics.mean(xs), statistics.mean(ys), xerr=sd(xs), yerr=sd(ys), fmt="o", color=c, capsize=3, label=name
+        )
+    ax.set(xlabel="KL(policy || SFT) on held-out prompts, nats per response", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "held-out score against KL (points: seeds; bars: mean ± std)")
+    return save(fig, out)

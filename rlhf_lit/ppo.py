@@ -77,11 +77,16 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_fn=None) -> Ten
     return masked_whiten(x, mask, shift_mean=shift_mean, sum_fn=sum_fn)
 
 
+GROUP_BASELINES = ("grpo", "rloo", "mean")
+
+
 def group_advantages(scores: Tensor, group_size: int, baseline: str = "grpo", eps: float = 1e-6) -> Tensor:
     """Critic-free, sequence-level advantages for ``group_size`` samples per prompt. (B,) -> (B,).
 
     Rows ``[g*k, (g+1)*k)`` are the k samples of prompt g. ``grpo``: (s - mean_group) / (std_group + eps)
     (Shao et al. 2024, DeepSeekMath). ``rloo``: s_i - mean of the other k-1 samples (Ahmadian et al. 2024).
+    ``mean``: s - mean_group, not divided by the std (Dr. GRPO, Liu et al. 2025: the std favours prompts
+    that are almost always solved or failed).
     """
     if group_size < 2:
         raise ValueError(f"group advantages need group_size >= 2, got {group_size}")
@@ -92,24 +97,88 @@ def group_advantages(scores: Tensor, group_size: int, baseline: str = "grpo", ep
         adv = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + eps)
     elif baseline == "rloo":
         adv = s - (s.sum(-1, keepdim=True) - s) / (group_size - 1)
+    elif baseline == "mean":
+        adv = s - s.mean(-1, keepdim=True)
     else:
-        raise ValueError(f"unknown baseline {baseline!r}; choose 'grpo' or 'rloo'")
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {GROUP_BASELINES}")
     return adv.reshape(-1)
 
 
-def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017), averaged over response tokens.
+def varied_groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) scores -> (B,) bool: True for every row of a group whose scores are not all equal. A group
+    with equal scores has zero group advantage, no gradient: DAPO's dynamic sampling drops it (Yu et al.
+    2025)."""
+    s = scores.float().view(-1, group_size)
+    return (s.amax(-1) > s.amin(-1)).repeat_interleave(group_size)
 
-    All inputs (B, T). Where the ratio leaves [1-eps, 1+eps] in the direction the advantage favours,
-    the clipped term is the max and carries no gradient.
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Per-token returns G_t = sum_{s >= t} gamma^(s-t) r_s over the response. (B, T) -> (B, T), 0 on
+    padding. REINFORCE++ (Hu 2025) uses them as advantages, normalised over the global batch."""
+    rewards = rewards.float() * mask
+    out, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13). (B,) response lengths -> (B,) penalties:
+    0 up to ``max_len - buffer`` tokens, then falling linearly to ``-factor`` at ``max_len``, and
+    ``-factor`` beyond it."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in (0, max_len={max_len}], got {buffer}")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -factor * torch.where(lengths > max_len, torch.ones_like(over), over / buffer)
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", norm: float | None = None) -> Tensor:
+    """Per-token losses (B, T) -> a scalar, the way the loss-aggregation papers compare.
+
+    ``token_mean``: sum over every valid token of the batch / their count (PPO in RLHF; DAPO: every token
+    weighs the same, so long responses weigh more). ``seq_mean_token_mean``: each sequence's token mean,
+    then the mean over sequences (GRPO's paper: a token of a short response weighs more).
+    ``seq_mean_token_sum_norm``: each sequence's token sum / ``norm`` (a constant, e.g. max_new_tokens),
+    mean over sequences (Dr. GRPO, Liu et al. 2025: no length bias from the normaliser).
     """
+    if mode == "token_mean":
+        return masked_mean(x, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=-1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        if not norm or norm <= 0:
+            raise ValueError("seq_mean_token_sum_norm needs a positive constant norm (e.g. max_new_tokens)")
+        return ((x * mask).sum(-1) / norm).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    agg: str = "token_mean",
+    norm: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate objective (Schulman et al. 2017), aggregated over response tokens by ``agg``.
+
+    All inputs (B, T). The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high``
+    defaults to clip_eps; DAPO's clip-higher raises it, e.g. 0.28, so low-probability tokens can grow).
+    Where the ratio leaves that range in the direction the advantage favours, the clipped term is the
+    max and carries no gradient.
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+    loss = aggregate(torch.max(unclipped, clipped), mask, agg, norm)
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
@@ -119,6 +188,21 @@ def policy_loss(
             "ratio_var": masked_var(ratio, mask),
         }
     return loss, stats
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    agg: str = "token_mean",
+    norm: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL(actor || reference) as a loss term on the current log-probs instead of a reward penalty
+    (GRPO, Shao et al. 2024, eq. 4, with the k3 estimator). All inputs (B, T); the gradient flows through
+    ``logprobs``. The caller multiplies by the KL coefficient."""
+    loss = aggregate(kl_penalty(logprobs, ref_logprobs, estimator), mask, agg, norm)
+    return loss, {"kl_loss": loss.detach()}
 
 
 def value_loss(

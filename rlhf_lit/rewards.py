@@ -1,13 +1,20 @@
-"""Reward sources for PPO: a trained reward model, a Python callable, or a weighted sum of several.
+"""Reward sources for PPO: a trained reward model, a Python callable, a remote HTTP endpoint, or a
+weighted sum of several.
 
 Each is an ``nn.Module`` (so a reward model is a frozen submodule that ZeRO-3 can partition) with
 ``build(tokenizer)`` called from ``configure_model`` and ``forward(prompts, responses, input_ids,
-attention_mask) -> scores (B,)``.
+attention_mask, columns) -> scores (B,)``; ``columns`` holds the rows' extra fields (e.g. a reference
+answer), ``{name: [value per row]}``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Optional
 
@@ -27,9 +34,16 @@ class RewardSource(nn.Module):
     def build(self, tokenizer) -> None:
         """Build models; ``tokenizer`` is the actor's."""
 
-    def forward(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """prompts/responses: B texts; input_ids, attention_mask: (B, T) actor tokens of prompt + response.
-        Returns (B,) float scores."""
+    def forward(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        columns: Optional[dict[str, list]] = None,
+    ) -> Tensor:
+        """prompts/responses: B texts; input_ids, attention_mask: (B, T) actor tokens of prompt + response;
+        columns: the rows' extra fields, ``{name: [B values]}`` (e.g. ``answer``). Returns (B,) float scores."""
         raise NotImplementedError
 
 
@@ -117,7 +131,7 @@ class ModelReward(RewardSource):
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def forward(self, prompts, responses, input_ids, attention_mask):
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
         if not self.same_tokenizer:
             input_ids, attention_mask = self.encode(prompts, responses, input_ids.device)
         scores = self.model.score(input_ids, attention_mask)
@@ -153,7 +167,13 @@ def import_callable(target: str) -> Callable:
 
 
 class CallableReward(RewardSource):
-    """A Python function ``fn(prompt: str, response: str) -> float`` (rule-based, verifiable rewards)."""
+    """A Python function scoring one response (rule-based, verifiable rewards)::
+
+        def reward(prompt: str, response: str, **columns) -> float
+
+    ``columns`` are the row's extra fields kept by its source (``extra: [answer]``): the function receives
+    those it names (``def exact(prompt, response, answer)``), or all of them with ``**kwargs``. A column it
+    requires that the rows do not carry is a one-line error."""
 
     def __init__(self, function: str) -> None:
         """Args:
@@ -162,9 +182,102 @@ class CallableReward(RewardSource):
         super().__init__()
         self.function = function
         self.fn = import_callable(function)
+        try:
+            params = list(inspect.signature(self.fn).parameters.values())[2:]
+        except (TypeError, ValueError):  # builtins without a signature: prompt and response only
+            params = []
+        self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.names = [p.name for p in named]
+        self.required = [p.name for p in named if p.default is p.empty]
 
-    def forward(self, prompts, responses, input_ids, attention_mask):
-        return torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)], device=input_ids.device)
+    def kwargs(self, columns: Optional[dict[str, list]], n: int) -> list[dict]:
+        """The keyword arguments of each of the n calls."""
+        columns = columns or {}
+        missing = [c for c in self.required if c not in columns]
+        if missing:
+            raise InputError(
+                f"reward function {self.function} needs column {missing[0]!r} but the prompts carry "
+                f"{sorted(columns) or 'none'} (keep it with the source's option extra: [{missing[0]}])"
+            )
+        names = list(columns) if self.takes_all else [c for c in self.names if c in columns]
+        return [{c: columns[c][i] for c in names} for i in range(n)]
+
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
+        kw = self.kwargs(columns, len(prompts))
+        return torch.tensor(
+            [float(self.fn(p, r, **k)) for p, r, k in zip(prompts, responses, kw)], device=input_ids.device
+        )
+
+
+class HTTPReward(RewardSource):
+    """A remote reward service (a sandboxed code runner, a judge model behind an API, a math checker).
+
+    Each batch of up to ``batch_size`` rows is POSTed as JSON ``{"prompts": [...], "responses": [...],
+    "columns": {name: [...]}}``; the server answers ``{"rewards": [float, ...]}`` in the same order.
+    Timeouts, connection errors and 5xx answers are retried ``retries`` times with exponential backoff;
+    anything else (4xx, a wrong answer shape) is a one-line error naming the URL."""
+
+    def __init__(
+        self,
+        url: str,
+        batch_size: int = 64,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        headers: Optional[dict[str, str]] = None,
+    ) -> None:
+        """Args:
+        url: the endpoint, e.g. http://127.0.0.1:8000/score.
+        batch_size: rows per request.
+        timeout: seconds to wait for each request.
+        retries: further attempts after a timeout, a connection error or a 5xx answer.
+        backoff: seconds before the first retry, doubled after each.
+        headers: extra HTTP headers (e.g. an Authorization token).
+        """
+        super().__init__()
+        if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
+            raise ValueError("HTTPReward needs batch_size >= 1, timeout > 0, retries >= 0 and backoff >= 0")
+        self.url, self.batch_size, self.timeout, self.retries, self.backoff = url, batch_size, timeout, retries, backoff
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.requests = 0  # HTTP requests sent, retries included (logged by tests and users' callbacks)
+
+    def post(self, payload: dict) -> list[float]:
+        data, wait, last = json.dumps(payload).encode(), self.backoff, None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(wait)
+                wait *= 2
+            self.requests += 1
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    answer = json.loads(resp.read())
+                break
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    raise InputError(f"reward server {self.url} answered HTTP {e.code}: {e.reason}") from None
+                last = f"HTTP {e.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = str(getattr(e, "reason", e))
+            except json.JSONDecodeError:
+                raise InputError(f"reward server {self.url} did not answer JSON") from None
+        else:
+            raise InputError(f"reward server {self.url} failed after {self.retries + 1} attempts: {last}")
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        n = len(payload["prompts"])
+        if not isinstance(rewards, list) or len(rewards) != n:
+            want = f'{{"rewards": [{n} numbers]}}'
+            raise InputError(f"reward server {self.url} must answer {want}, got {str(answer)[:80]}")
+        return [float(r) for r in rewards]
+
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
+        out, columns = [], columns or {}
+        for i in range(0, len(prompts), self.batch_size):
+            j = i + self.batch_size
+            cols = {k: list(v[i:j]) for k, v in columns.items()}
+            out += self.post({"prompts": list(prompts[i:j]), "responses": list(responses[i:j]), "columns": cols})
+        return torch.tensor(out, device=input_ids.device)
 
 
 class SumReward(RewardSource):
@@ -185,5 +298,7 @@ class SumReward(RewardSource):
         for s in self.sources:
             s.build(tokenizer)
 
-    def forward(self, prompts, responses, input_ids, attention_mask):
-        return sum(w * s(prompts, responses, input_ids, attention_mask) for w, s in zip(self.weights, self.sources))
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
+        return sum(
+            w * s(prompts, responses, input_ids, attention_mask, columns) for w, s in zip(self.weights, self.sources)
+        )

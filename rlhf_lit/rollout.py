@@ -6,7 +6,7 @@ Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``R`` response tokens
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
 from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
 from rlhf_lit.ops import logprobs_from_logits
-from rlhf_lit.ppo import KL_ESTIMATORS
+from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 @dataclass
@@ -27,7 +27,25 @@ class PPOConfig:
     num_minibatches: int = 1
     """shuffled minibatches per pass (one optimizer step each)"""
     clip_eps: float = 0.2
-    """policy ratio clip"""
+    """policy ratio clip (the lower side, and the upper one unless clip_eps_high is set)"""
+    clip_eps_high: Optional[float] = None
+    """upper ratio clip, 1 + clip_eps_high (DAPO's clip-higher: 0.28 with clip_eps 0.2); None: clip_eps"""
+    loss_agg: str = "token_mean"
+    """how per-token policy (and KL) losses become one number: token_mean, seq_mean_token_mean (GRPO's
+    paper) or seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / max_new_tokens)"""
+    kl_in_loss: bool = False
+    """put the KL to the reference in the loss (kl coefficient x kl_estimator on the current log-probs,
+    GRPO's k3) instead of in the reward; the rollout's KL is still measured and logged"""
+    dynamic_sampling: bool = False
+    """group estimators: drop groups whose scores are all equal (no gradient) and keep sampling batches
+    until one full batch of informative groups is ready (DAPO); the excess is dropped"""
+    overlong_filter: bool = False
+    """leave responses cut at max_new_tokens without a stop token out of the loss (DAPO)"""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment: the score falls linearly by up to overlong_penalty over the last
+    overlong_buffer tokens before max_new_tokens (None: off)"""
+    overlong_penalty: float = 1.0
+    """the score lost at max_new_tokens (with overlong_buffer)"""
     value_clip: Optional[float] = 0.2
     """value clip around the rollout's values (None: plain squared error)"""
     vf_coef: float = 1.0
@@ -69,6 +87,12 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ValueError(f"clip_eps_high must be > 0 or null, got {self.clip_eps_high}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.overlong_buffer is not None and self.overlong_buffer < 1:
+            raise ValueError(f"overlong_buffer must be >= 1 or null, got {self.overlong_buffer}")
         if self.ema_beta is not None and not 0 < self.ema_beta < 1:
             raise ValueError(f"ema_beta must be in (0, 1) or null, got {self.ema_beta}")
         if min(self.vf_coef, self.entropy_coef, self.ptx_coef, self.critic_lr) < 0:
@@ -150,7 +174,7 @@ class Rollout:
     mask: Tensor
     logprobs: Optional[Tensor]
     """old log-probs; None until the first training forward fills them (``score_policy=False``)"""
-    ref_logprobs: Tensor
+    ref_logprobs: Optional[Tensor]
     values: Optional[Tensor]
     scores: Tensor
     entropy: Optional[Tensor]
@@ -160,6 +184,8 @@ class Rollout:
     """(B,) True where the response's last kept token is a stop token (eos or end-of-turn), wherever it
     lands, the last generated column included"""
     timing: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)
+    """the rows' extra fields, ``{name: [B values]}`` (what reward functions received)"""
 
     @property
     def eos_fraction(self) -> Tensor:
@@ -179,13 +205,15 @@ def make_rollout(
     ref_from_adapters: bool = False,
     synced_gpus: bool = False,
     score_policy: bool = True,
+    columns: Optional[dict] = None,
 ) -> Rollout:
     """Sample responses with the actor, then score them with the reward source, the reference, the
     actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded.
 
     ``score_policy=False`` skips the actor/critic pass (logprobs, entropy, values left None): with one
     PPO epoch of one minibatch the first training forward computes exactly those, so the caller takes
-    them from it, detached, instead of running the actor and critic twice.
+    them from it, detached, instead of running the actor and critic twice. Without a reference (``ref``
+    None and no adapters: no KL anywhere) ``ref_logprobs`` is None.
     """
     t0 = time.perf_counter()
     with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
@@ -197,8 +225,8 @@ def make_rollout(
     stops = stop_ids(tokenizer, gen)
     ended = ended_with_stop(responses, mask, stops)
     texts = decode(tokenizer, responses, mask, stops)
-    scores = reward(prompts, texts, input_ids, attention_mask).float()
-    logprobs = entropy = values = None
+    scores = reward(prompts, texts, input_ids, attention_mask, columns).float()
+    logprobs = entropy = values = ref_logprobs = None
     # Experience is scored in eval mode (DeepSpeed-Chat, OpenRLHF): with dropout active the old
     # log-probs and values would be noisy, and KL to an identical reference would not be 0 (#13).
     was_training = ac.training
@@ -209,7 +237,7 @@ def make_rollout(
         if ref_from_adapters:  # LoRA actor: the reference is the base model with adapters off (no copy)
             with ac.policy.disable_adapter():
                 ref_logprobs = sequence_logprobs(ac.policy, input_ids, attention_mask, p, gen.temperature)
-        else:
+        elif ref is not None:
             ref_logprobs = sequence_logprobs(ref, input_ids, attention_mask, p, gen.temperature)
     finally:
         ac.train(was_training)
@@ -228,6 +256,7 @@ def make_rollout(
         texts,
         ended,
         {"generate_s": t1 - t0, "score_s": t2 - t1},
+        dict(columns or {}),
     )
 
 
@@ -238,3 +267,60 @@ def ended_with_stop(responses: Tensor, mask: Tensor, stops: list[int]) -> Tensor
         return torch.zeros(responses.size(0), dtype=torch.bool, device=responses.device)
     last = responses.gather(1, (mask.long().sum(-1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.isin(last, torch.tensor(stops, device=responses.device)) & (mask.sum(-1) > 0)
+
+
+def select_rows(ro: Rollout, keep: Tensor) -> Rollout:
+    """The rows of ``ro`` where ``keep`` (B,) bool is True."""
+    idx = keep.nonzero().squeeze(-1)
+    rows = idx.tolist()
+    out = {}
+    for f in fields(ro):
+        v = getattr(ro, f.name)
+        if isinstance(v, Tensor):
+            v = v[idx]
+        elif isinstance(v, list):
+            v = [v[i] for i in rows]
+        elif f.name == "columns":
+            v = {k: [col[i] for i in rows] for k, col in v.items()}
+        out[f.name] = v
+    return Rollout(**out)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of different prompt and response widths as one: prompts left-padded to the widest P,
+    responses right-padded to the widest R (padding is masked; positions come from the mask)."""
+    p, r = max(x.prompt_len for x in parts), max(x.mask.size(1) for x in parts)
+
+    def widen(x: Rollout, t: Tensor, value) -> Tensor:  # (B, P_x + R_x) -> (B, P + R)
+        left, right = p - x.prompt_len, r - x.mask.size(1)
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    def cat(name: str) -> Optional[Tensor]:
+        ts = [getattr(x, name) for x in parts]
+        if any(t is None for t in ts):
+            return None
+        if ts[0].dim() == 1:
+            return torch.cat(ts)
+        return torch.cat([torch.nn.functional.pad(t, (0, r - t.size(1))) for t in ts])
+
+    timing: dict = {}
+    for x in parts:
+        for k, v in x.timing.items():
+            timing[k] = timing.get(k, 0.0) + v
+    names = {k for x in parts for k in x.columns}
+    return Rollout(
+        input_ids=torch.cat([widen(x, x.input_ids, pad_id) for x in parts]),
+        attention_mask=torch.cat([widen(x, x.attention_mask, 0) for x in parts]),
+        prompt_len=p,
+        mask=cat("mask"),
+        logprobs=cat("logprobs"),
+        ref_logprobs=cat("ref_logprobs"),
+        values=cat("values"),
+        scores=cat("scores"),
+        entropy=cat("entropy"),
+        prompts=[t for x in parts for t in x.prompts],
+        responses=[t for x in parts for t in x.responses],
+        ended=cat("ended"),
+        timing=timing,
+        columns={k: [v for x in parts for v in x.columns.get(k, [None] * len(x.prompts))] for k in names},
+    )

@@ -18,3 +18,17 @@ def caps_share(prompt: str, response: str) -> float:
     """Share of the response's letters that are capitals: dense enough for a random policy to climb."""
     letters = [c for c in response if c.isalpha()]
     return sum(c.isupper() for c in letters) / max(1, len(letters))
+
+
+SEEN: list[tuple[str, str]] = []  # (prompt, answer) pairs the checker below received
+
+
+def answer_seen(prompt: str, response: str, answer: str) -> float:
+    """Records the reference answer each prompt arrived with (a test reads SEEN); scores length."""
+    SEEN.append((prompt, answer))
+    return len(response.split()) / 10
+
+
+def constant(prompt: str, response: str) -> float:
+    """The same score for every response: every group of samples is uninformative."""
+    return 1.0

@@ -91,7 +91,8 @@ def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp
 
     monkeypatch.chdir(tmp_path)  # another directory: paths in the YAML are looked up beside it
     pipe = from_args(["--config", str(path), f"--run_dir={tmp_path}"])
-    for stage in ("sft", "reward", "ppo"):
+    assert {"sft", "ppo"} <= set(pipe.plans)  # the reward stage may be left out (a rule-checked reward)
+    for stage in pipe.plans:
         assert Path(pipe.plans[stage].config).is_file()
         cfg = pipe.stage_config(stage)
         assert cfg["data"]["init_args"]["blend"] == pipe.blend

@@ -14,13 +14,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1) -> Path:
+def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1, base: Path | None = None) -> Path:
+    """A shortened copy of a pipeline recipe (default: the quickstart): 600 rows, 1-layer 32-wide models.
+    Without a reward stage the recipe's PPO model settings (its reward source) are kept."""
     run_dir = tmp_path / "run"
     from rlhf_lit.recipes import resolve_pipeline_paths
 
-    cfg = resolve_pipeline_paths(
-        yaml.safe_load((REPO / "configs/pipeline/quickstart.yaml").read_text()), REPO / "configs/pipeline"
-    )
+    base = base or REPO / "configs/pipeline/quickstart.yaml"
+    cfg = resolve_pipeline_paths(yaml.safe_load(base.read_text()), base.resolve().parent)
     cfg["run_dir"] = str(run_dir)
     cfg["tokenizer"]["init_args"]["save_dir"] = str(run_dir / "tokenizer")
     cfg["blend"]["sources"][0]["options"]["n"] = 600
@@ -30,8 +31,12 @@ def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1) -> Pat
         "trainer": {"max_epochs": sft_epochs},
         "model": {"init_args": {"model": tiny, "rouge_samples": 2}},
     }
-    cfg["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
+    ppo_model = cfg["ppo"]["overrides"].get("model") if not cfg.get("reward") else None
+    if cfg.get("reward"):
+        cfg["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
     cfg["ppo"]["overrides"] = {"trainer": {"max_steps": ppo_steps}, "data": {"init_args": {"batch_size": 4}}}
+    if ppo_model:
+        cfg["ppo"]["overrides"]["model"] = ppo_model
     cfg["evaluation"]["prompts"] = 8
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -192,3 +192,111 @@ def test_clip_grad_norms_clips_each_group_to_its_own_norm():
     c = torch.zeros(1, requires_grad=True)
     c.grad = torch.tensor([7.0])
     assert clip_grad_norms({"x": ([c], None)})["x_grad_norm"].item() == 7.0 and c.grad.item() == 7.0  # None: no clip
+
+
+# -- the GRPO-era variants (issue #15) ------------------------------------------------------------
+def naive_aggregate(x, mask, mode, norm=None):
+    rows = []
+    total, count = 0.0, 0.0
+    for i in range(x.size(0)):
+        n = int(mask[i].sum())
+        s = sum(x[i, t].item() for t in range(n))
+        total, count = total + s, count + n
+        rows.append(s / max(n, 1) if mode == "seq_mean_token_mean" else s / (norm or 1))
+    if mode == "token_mean":
+        return total / count
+    return sum(rows) / len(rows)
+
+
+def test_loss_aggregations_hand_computed():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert ppo.aggregate(x, mask, "token_mean").item() == pytest.approx(10 / 4)  # every token the same weight
+    assert ppo.aggregate(x, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)  # every sequence
+    assert ppo.aggregate(x, mask, "seq_mean_token_sum_norm", norm=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    with pytest.raises(ValueError, match="norm"):
+        ppo.aggregate(x, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="loss aggregation"):
+        ppo.aggregate(x, mask, "sum")
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", ppo.LOSS_AGGREGATIONS)
+def test_loss_aggregations_match_a_naive_loop(seed, mode):
+    x, _, mask = random_masked(seed=seed)
+    assert ppo.aggregate(x, mask, mode, norm=7).item() == pytest.approx(naive_aggregate(x, mask, mode, 7), rel=1e-5)
+
+
+def test_clip_higher_lets_a_favoured_ratio_grow_past_the_lower_bound():
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    # token 0: ratio e^0.24 = 1.271 with A > 0: clipped by the symmetric 0.2, inside DAPO's 1 + 0.28.
+    # Token 1: ratio e^-0.25 = 0.779 with A < 0 is below 1 - 0.2 either way (clip_eps_high leaves it).
+    new = torch.tensor([[0.24, -0.25]], requires_grad=True)
+    ppo.policy_loss(new, old, adv, mask, clip_eps=0.2)[0].backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0
+    new.grad = None
+    loss, stats = ppo.policy_loss(new, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    loss.backward()
+    assert new.grad[0, 0] == pytest.approx(-torch.exp(torch.tensor(0.24)).item() / 2) and new.grad[0, 1] == 0
+    assert loss.item() == pytest.approx((-torch.exp(torch.tensor(0.24)).item() + 0.8) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_kl_loss_is_k3_on_the_current_logprobs_with_gradient():
+    lp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.2]]))
+    loss, stats = ppo.kl_loss(lp, ref, torch.ones(1, 2), "k3")
+    # k3 = q/p - 1 - log(q/p): 0.5 - 1 + log 2 = 0.1931 on token 0, 0 on token 1 (p = q); token mean
+    assert loss.item() == pytest.approx((0.5 - 1 + 0.693147) / 2, rel=1e-5) and stats["kl_loss"] == loss.detach()
+    loss.backward()
+    # d/d(log p) of (e^(log q - log p) - 1 + log p - log q) = 1 - q/p = 0.5 on token 0, 0 on token 1
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.25, 0.0]]))
+
+
+def test_dr_grpo_baseline_is_the_group_mean_without_the_std():
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0, 3.0, 0.0])
+    torch.testing.assert_close(ppo.group_advantages(scores, 2, "mean"), torch.tensor([0.5, -0.5, 0, 0, 1.5, -1.5]))
+    from rlhf_lit.estimators import DrGRPO
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv, ret = DrGRPO(samples_per_prompt=2)(torch.tensor([[0.0, 2.0], [1.0, 0.0]]), None, mask)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5], [-0.5, 0.0]]))  # broadcast over each response
+
+
+def test_varied_groups_marks_groups_whose_scores_differ():
+    keep = ppo.varied_groups(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5001]), 2)
+    assert keep.tolist() == [True, True, False, False, False, False, True, True]
+
+
+def test_discounted_returns_hand_computed_and_against_a_loop():
+    torch.testing.assert_close(
+        ppo.discounted_returns(torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), 0.5), torch.tensor([[0.25, 0.5, 1.0]])
+    )
+    rewards, _, mask = random_masked(seed=3)
+    out = ppo.discounted_returns(rewards, mask, 0.9)
+    for i in range(rewards.size(0)):
+        n = int(mask[i].sum())
+        for t in range(n):
+            expected = sum(0.9 ** (s - t) * rewards[i, s].item() for s in range(t, n))
+            assert out[i, t].item() == pytest.approx(expected, abs=1e-5)
+    assert (out[mask == 0] == 0).all()
+
+
+def test_reinforce_pp_returns_and_group_baseline():
+    from rlhf_lit.estimators import REINFORCEPP
+
+    # per-token KL penalty -0.1 on every token, the score 1 on the last: returns count what follows
+    rewards, mask = torch.tensor([[-0.1, -0.1, 0.9], [-0.1, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    adv, ret = REINFORCEPP()(rewards, None, mask)
+    torch.testing.assert_close(adv, torch.tensor([[0.7, 0.8, 0.9], [-0.1, 0.0, 0.0]]))
+    assert REINFORCEPP.needs_critic is False and REINFORCEPP.token_whitening is True  # batch-normalised later
+    # with a group baseline: the group's mean summed reward (0.7 + -0.1) / 2 = 0.3 is taken off the last token
+    adv, _ = REINFORCEPP(samples_per_prompt=2, group_baseline=True)(rewards, None, mask)
+    torch.testing.assert_close(adv, torch.tensor([[0.4, 0.5, 0.6], [-0.4, 0.0, 0.0]]))
+
+
+def test_overlong_penalty_hand_computed():
+    lengths = torch.tensor([5, 6, 8, 10, 12])
+    torch.testing.assert_close(ppo.overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
+    torch.testing.assert_close(ppo.overlong_penalty(lengths, 10, 4, factor=2.0)[2], torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="buffer"):
+        ppo.overlong_penalty(lengths, 10, 11)
