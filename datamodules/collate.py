@@ -117,7 +117,8 @@ def encode_pairs(tok, records: list[dict], max_len: int) -> tuple[list[dict], Co
             dropped["response_fills_max_seq_len"] += 1
             continue
         p = p[-keep:]
-        item = {"chosen_ids": p + c, "rejected_ids": p + r, "prompt_len": len(p)}
+        # index: the pair's position among the kept ones (DPO caches reference log-probs by it)
+        item = {"chosen_ids": p + c, "rejected_ids": p + r, "prompt_len": len(p), "index": len(out)}
         if "margin" in rec:
             item["margin"] = float(rec["margin"])
         out.append(item)
@@ -129,6 +130,8 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict[str, Tensor]:
     (B,) lets the reward model run each shared prompt once (ScalarModel.score_shared_prompt)."""
     ids, mask = pad([x["chosen_ids"] for x in items] + [x["rejected_ids"] for x in items], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask, "prompt_len": torch.tensor([x["prompt_len"] for x in items])}
+    if all("index" in x for x in items):
+        batch["index"] = torch.tensor([x["index"] for x in items])
     if all("margin" in x for x in items):
         batch["margin"] = torch.tensor([x["margin"] for x in items])
     return batch

@@ -81,3 +81,70 @@ def pair_stats(chosen: Tensor, rejected: Tensor, loss: Tensor) -> dict[str, Tens
             "rejected_score": r.mean(),
             "margin": (c - r).mean(),
         }
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+
+
+def preference_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DPO family on summed response log-probs. All inputs (B,); ``*_len``: response tokens.
+
+    - ``sigmoid``: DPO (Rafailov et al. 2023), -log sigmoid(beta * h) with h = (pi_c - ref_c) - (pi_r - ref_r);
+      ``label_smoothing`` eps gives conservative DPO: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    - ``ipo``: (h - 1 / (2 beta))^2 (Azar et al. 2023) on length-averaged log-probs, as TRL does.
+    - ``simpo``: reference-free, -log sigmoid(beta * (avg pi_c - avg pi_r) - simpo_gamma) (Meng et al. 2024).
+    - ``orpo``: reference-free, the chosen NLL (length-averaged) + orpo_lambda * -log sigmoid(log odds ratio)
+      of the length-averaged probabilities (Hong et al. 2024).
+
+    Stats: the implicit rewards beta * (pi - ref) (beta * avg pi without a reference), their accuracy and
+    margin, and the log-probs.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown preference loss {loss_type!r}; choose one of {DPO_LOSSES}")
+    pc, pr = policy_chosen.float(), policy_rejected.float()
+    cl, rl = chosen_len.float().clamp(min=1), rejected_len.float().clamp(min=1)
+    if loss_type in ("sigmoid", "ipo"):
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"the {loss_type!r} loss needs reference log-probs")
+        rc, rr = ref_chosen.float(), ref_rejected.float()
+        if loss_type == "sigmoid":
+            h = beta * ((pc - rc) - (pr - rr))
+            loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+        else:
+            h = (pc - rc) / cl - (pr - rr) / rl
+            loss = (h - 1 / (2 * beta)) ** 2
+        chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+    else:
+        avg_c, avg_r = pc / cl, pr / rl
+        if loss_type == "simpo":
+            loss = -F.logsigmoid(beta * (avg_c - avg_r) - simpo_gamma)
+        else:  # log odds(p) = log p - log(1 - p), with p the length-averaged token probability
+            log_odds = (avg_c - torch.log1p(-avg_c.exp().clamp(max=1 - 1e-6))) - (
+                avg_r - torch.log1p(-avg_r.exp().clamp(max=1 - 1e-6))
+            )
+            loss = -avg_c - orpo_lambda * F.logsigmoid(log_odds)
+        chosen_reward, rejected_reward = beta * avg_c, beta * avg_r
+    loss = loss.mean()
+    with torch.no_grad():
+        stats = {
+            "loss": loss.detach(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+            "reward_margin": (chosen_reward - rejected_reward).mean(),
+            "chosen_reward": chosen_reward.mean(),
+            "rejected_reward": rejected_reward.mean(),
+            "chosen_logp": pc.mean(),
+            "rejected_logp": pr.mean(),
+        }
+    return loss, stats

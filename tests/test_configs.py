@@ -33,11 +33,11 @@ def test_stage_config_parses_and_instantiates(path, monkeypatch):
         extra = CPU_OVERRIDES  # then build everything but the GPU trainer here
     cli = lightning_cli(["--config", str(path), "--trainer.logger=false", *extra], run=False)
     assert cli.model is not None and cli.datamodule is not None
-    assert type(cli.model).__name__ in {"SFTModule", "RewardModule", "PPOModule"}
+    assert type(cli.model).__name__ in {"SFTModule", "RewardModule", "PPOModule", "DPOModule"}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.name)
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
 def test_strategy_overlays_compose_with_every_stage(stage, strategy, monkeypatch):
     monkeypatch.chdir(REPO)
     cli = lightning_cli(

@@ -1,0 +1,162 @@
+"""Direct preference optimisation and its family (DPO, conservative DPO, IPO, SimPO, ORPO): the policy
+learns from preference pairs directly, with no reward model and no sampling (Rafailov et al. 2023)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from rlhf_lit import losses
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged
+from rlhf_lit.ops import logprobs_from_logits
+from rlhf_lit.optim import LRSchedule
+from rlhf_lit.stage import StageModule
+
+
+@dataclass
+class DPOConfig:
+    """The preference loss and its knobs (defaults: the DPO paper's beta 0.1)."""
+
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO; with label_smoothing: conservative DPO), ipo, simpo or orpo (the last two reference-free)"""
+    beta: float = 0.1
+    """inverse temperature of the implicit reward (SimPO's paper uses about 2)"""
+    label_smoothing: float = 0.0
+    """conservative DPO: the assumed share of flipped labels, in [0, 0.5)"""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin"""
+    orpo_lambda: float = 0.1
+    """ORPO's weight of the odds-ratio term against the chosen NLL"""
+    cache_reference: bool = True
+    """compute each pair's reference log-probs once (the first epoch) and reuse them afterwards"""
+
+    def __post_init__(self):
+        if self.loss_type not in losses.DPO_LOSSES:
+            raise ValueError(f"loss_type must be one of {losses.DPO_LOSSES}, got {self.loss_type!r}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {self.beta}, {self.label_smoothing}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type in ("sigmoid", "ipo")
+
+
+def response_logps(model, input_ids, attention_mask, prompt_len):
+    """Summed log-probs of the response tokens and their count. input_ids, attention_mask: (2B, T), the B
+    chosen rows then the B rejected ones; prompt_len: (B,). Returns two (2B,) tensors."""
+    logits = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False).logits[:, :-1]
+    lp = logprobs_from_logits(logits, input_ids[:, 1:])
+    pos = torch.arange(1, input_ids.size(1), device=input_ids.device)
+    response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask[:, 1:].bool()
+    return (lp * response).sum(-1), response.sum(-1)
+
+
+class DPOModule(StageModule):
+    """The policy (usually the SFT export) trained on chosen/rejected pairs against a frozen reference."""
+
+    stage = "dpo"
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        reference: Optional[ModelSpec] = None,
+        loss: Optional[DPOConfig] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Optional[LRSchedule] = None,
+        weight_decay: float = 0.0,
+        lora: Optional[LoRA] = None,
+    ) -> None:
+        """Args:
+        model: spec of the policy to train (built in configure_model).
+        reference: spec of the frozen reference (default: the model's spec; with LoRA, the model with
+            adapters disabled; none for the reference-free losses).
+        loss: the preference loss and its knobs.
+        optimizer: optimizer class and arguments.
+        schedule: warmup + decay of the learning rate.
+        weight_decay: decoupled weight decay of the weight matrices.
+        lora: train low-rank adapters instead of all weights (merged on export).
+        """
+        super().__init__(optimizer, schedule, weight_decay)
+        self.save_hyperparameters()
+        self.spec, self.ref_spec, self.lora = model, reference or model, lora
+        self.cfg = loss or DPOConfig()
+        self.model = self.ref = None
+        self.ref_cache: dict[int, tuple[float, float]] = {}  # pair index -> reference (chosen, rejected)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = self.spec.build_causal_lm(self.tokenizer)
+        if self.spec.gradient_checkpointing:
+            enable_checkpointing(model)
+        self.model = apply_lora(model, self.lora).train()  # from_pretrained returns eval mode (#13)
+        if self.cfg.needs_reference and self.lora is None:
+            self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen reference
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ref is not None:  # the frozen reference stays in eval mode (no dropout)
+            self.ref.eval()
+        return self
+
+    @torch.no_grad()
+    def reference_logps(self, batch):
+        """(2B,) reference log-probs: cached per pair index, else the frozen copy or the adapters-off model."""
+        index = batch.get("index") if self.cfg.cache_reference and self.training else None  # training pairs only
+        if index is not None and all(int(i) in self.ref_cache for i in index):
+            pairs = torch.tensor([self.ref_cache[int(i)] for i in index], device=batch["input_ids"].device)
+            return torch.cat([pairs[:, 0], pairs[:, 1]])
+        args = (batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
+        if self.ref is None:
+            with self.model.disable_adapter():
+                logps, _ = response_logps(self.model, *args)
+        else:
+            logps, _ = response_logps(self.ref, *args)
+        if index is not None:
+            b = len(index)
+            for k, i in enumerate(index.tolist()):
+                self.ref_cache[i] = (float(logps[k]), float(logps[b + k]))
+        return logps
+
+    def step(self, batch):
+        logps, n = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
+        b = logps.size(0) // 2
+        ref = self.reference_logps(batch) if self.cfg.needs_reference else None
+        c = self.cfg
+        return losses.preference_loss(
+            logps[:b],
+            logps[b:],
+            None if ref is None else ref[:b],
+            None if ref is None else ref[b:],
+            n[:b],
+            n[b:],
+            c.loss_type,
+            c.beta,
+            c.label_smoothing,
+            c.simpo_gamma,
+            c.orpo_lambda,
+        )
+
+    def training_step(self, batch, batch_idx):
+        loss, stats = self.step(batch)
+        b = self.batch_size(batch)
+        if self.logging_step():
+            self.log_dict({f"dpo/{k}": v for k, v in stats.items()}, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, stats = self.step(batch)
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=self.batch_size(batch), sync_dist=True)
+        return loss
+
+    def batch_size(self, batch) -> int:
+        return batch["input_ids"].size(0) // 2  # pairs: B chosen rows, then B rejected
+
+    def export_models(self):
+        return {"": lambda out: merged(self.model).save_pretrained(out, safe_serialization=True)}
