@@ -29,7 +29,8 @@ for k, v in {
 }.items():
     os.environ.setdefault(k, v)
 
-from rlhf_lit.pipeline import STAGES, Pipeline, StagePlan  # noqa: E402
+from rlhf_lit.pipeline import Pipeline, StagePlan  # noqa: E402
+from rlhf_lit.recipes import resolve_pipeline_paths  # noqa: E402
 
 
 def metrics(log_dir: Path) -> list[dict]:
@@ -62,17 +63,21 @@ def main() -> None:
             "log_every_n_steps": 1,
         }
     }
+    # The quickstart's stages and wiring on the tiny stage configs (its size overrides replaced by `fixed`).
+    recipe = resolve_pipeline_paths(
+        yaml.safe_load(Path("configs/pipeline/quickstart.yaml").read_text()), Path("configs/pipeline").resolve()
+    )
     pipe = Pipeline(
         str(out),
-        yaml.safe_load(Path("configs/pipeline/quickstart.yaml").read_text())["blend"],
-        *(StagePlan(f"configs/{s}/tiny.yaml", fixed) for s in STAGES),
+        recipe["blend"],
+        [StagePlan(**{**s, "overrides": fixed}) for s in recipe["stages"]],
         tokenizer={
             "class_path": "rlhf_lit.tokenizer.TrainedBPE",
             "init_args": {"save_dir": str(out / "tokenizer"), "vocab_size": 600},
         },
     )
     rows, wall = {}, {}
-    for stage in STAGES:
+    for stage in pipe.plans:
         t0 = time.perf_counter()
         pipe.run_stage(stage)
         wall[stage], rows[stage] = time.perf_counter() - t0, metrics(out / stage)

@@ -1,8 +1,9 @@
-"""One LightningDataModule per RLHF stage over a :class:`~datamodules.blend.Blend`.
+"""One LightningDataModule per kind of stage data over a :class:`~datamodules.blend.Blend`.
 
-Each owns the tokenizer spec (a stage module reads ``trainer.datamodule.tokenizer``), encodes its
-stage's part of the blend once in ``setup`` (id lists, padded per batch) and reports rows kept and
-dropped by reason.
+Each implements :class:`rlhf_lit.stage.StageData`, the one contract stage modules read (tokenizer,
+held-out records, eval batch size, packing, data report): the tokenizer is trained or fetched once in
+``prepare_data`` (one process per node) and loaded in ``setup``, which encodes the datamodule's part of
+the blend once (id lists, padded per batch) and reports rows kept and dropped by reason.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class StageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         bucket_by_length: bool = False,
+        part: Optional[str] = None,
     ) -> None:
         """Args:
         blend: the sources, weights and stage split.
@@ -51,12 +53,14 @@ class StageDataModule(L.LightningDataModule):
         seed: shuffling seed of the training loader.
         bucket_by_length: training batches of similar lengths (shuffled in windows of 50 batches, sorted
             by length, batches shuffled): less padding, same data per epoch.
+        part: the blend's split part to train on (default: the datamodule's kind, sft / reward / ppo; e.g.
+            a DPO stage on the reward model's pairs reads ``reward``).
         """
         super().__init__()
         self.blend, self.tokenizer_spec = blend, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_seq_len, self.eval_limit, self.num_workers, self.seed = max_seq_len, eval_limit, num_workers, seed
-        self.bucket_by_length = bucket_by_length
+        self.bucket_by_length, self.part = bucket_by_length, part or self.stage
         self.tokenizer = None
         self.train_items: list[dict] = []
         self.eval_items: list[dict] = []
@@ -64,12 +68,20 @@ class StageDataModule(L.LightningDataModule):
         self.dropped: Counter = Counter()
         self._resume: Optional[dict] = None
 
+    packed = False
+    """whether training rows hold several examples (SFT packing)"""
+
+    def report(self) -> list[dict]:
+        """Per source: rows read, kept, dropped by reason and part sizes (for model cards and logs)."""
+        return self.blend.report()
+
     def corpus(self):
         """Every text of the blend, for training a tokenizer on the run's own data."""
-        for stage in ("sft", "reward", "ppo"):
+        for name in self.blend.parts:
             for part in ("train", "eval"):
-                for r in self.blend.records(stage, part):
-                    yield from (r[k] for k in ("prompt", "response", "chosen", "rejected") if k in r)
+                for kind in [name] if name in ("sft", "reward", "ppo") else ["sft", "reward"]:
+                    for r in self.blend.records(name, part, kind=kind):
+                        yield from (r[k] for k in ("prompt", "response", "chosen", "rejected") if k in r)
 
     def encode(self, records: list[dict]) -> tuple[list[dict], Counter]:
         raise NotImplementedError
@@ -82,19 +94,28 @@ class StageDataModule(L.LightningDataModule):
         """Tokens of an encoded item (what padding is measured against)."""
         return len(item["input_ids"])
 
+    def prepare_data(self) -> None:
+        # One process per node trains (or downloads) the tokenizer; the others wait, then load it in setup.
+        self.tokenizer_spec.load(texts=self.corpus)
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.tokenizer_spec.load(texts=self.corpus)
         if self.train_items or self.eval_items:
             return
-        self.train_items, dropped = self.encode(self.blend.records(self.stage))
-        self.eval_records = self.blend.records(self.stage, "eval")[: self.eval_limit]
+        self.train_items, dropped = self.encode(self.blend.records(self.part, kind=self.stage))
+        self.eval_records = self.blend.records(self.part, "eval", kind=self.stage)[: self.eval_limit]
         self.eval_items, eval_dropped = self.encode(self.eval_records)
-        self.dropped = dropped + eval_dropped
+        unusable = {
+            f"{src}_{which}_not_{kind}": n
+            for (src, name, which, kind), n in self.blend.unsupported.items()
+            if name == self.part and kind == self.stage and (which == "train" or name == kind)
+        }
+        self.dropped = dropped + eval_dropped + Counter(unusable)
         if not self.train_items:
             raise ValueError(
-                f"{type(self).__name__}: the blend gives no {self.stage!r} training records; "
-                f"check the sources and the split {self.blend.split}"
+                f"{type(self).__name__}: the blend gives no {self.stage!r} training records in part "
+                f"{self.part!r}; check the sources and the split {self.blend.split}"
             )
         rank_zero_info(
             json.dumps(
@@ -168,6 +189,7 @@ class SFTDataModule(StageDataModule):
         """
         super().__init__(*args, **kwargs)
         self.mask_prompt, self.pack, self.all_assistant_turns = mask_prompt, pack, all_assistant_turns
+        self.packed = pack
 
     def encode(self, records):
         items, dropped = C.encode_sft(
@@ -234,7 +256,9 @@ class PromptDataModule(StageDataModule):
     def setup(self, stage=None):
         super().setup(stage)
         if self.ptx_blend is not None and not self.ptx_items:
-            self.ptx_items, dropped = C.encode_sft(self.tokenizer, self.ptx_blend.records("sft"), self.max_seq_len)
+            self.ptx_items, dropped = C.encode_sft(
+                self.tokenizer, self.ptx_blend.records(next(iter(self.ptx_blend.parts)), kind="sft"), self.max_seq_len
+            )
             self.dropped += dropped
             if not self.ptx_items:
                 raise ValueError("PromptDataModule: ptx_blend gives no SFT records")

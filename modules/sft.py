@@ -57,7 +57,7 @@ class SFTModule(StageModule):
             model = self.spec.build_causal_lm(self.tokenizer)
             if self.spec.gradient_checkpointing:
                 enable_checkpointing(model)
-            packed = self._trainer is not None and getattr(self.trainer.datamodule, "pack", False)
+            packed = self._trainer is not None and self.trainer.datamodule is not None and self.data.packed
             if packed and model.config.model_type not in PACKABLE:
                 raise ValueError(
                     f"data.pack needs a model family that takes 4D attention masks and position_ids "
@@ -101,7 +101,7 @@ class SFTModule(StageModule):
 
     def rouge(self) -> dict[str, float]:
         """ROUGE-1/2/L (F-measure) of greedy generations on held-out prompts; keeps them in ``samples``."""
-        records = self.trainer.datamodule.eval_records[: self.rouge_samples]
+        records = self.data.eval_records[: self.rouge_samples]
         if not records:
             return {}
         refs = [r["response"] for r in records]
@@ -110,7 +110,7 @@ class SFTModule(StageModule):
             self.tokenizer,
             [r.get("messages") or r["prompt"] for r in records],
             self.generation,
-            self.trainer.datamodule.eval_batch_size,
+            self.data.eval_batch_size,
             device=self.device,
         )
         self.samples = [

@@ -35,7 +35,7 @@ class HFExport(L.Callback):
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        data = dm.blend.report() if dm is not None and hasattr(dm, "blend") else []
+        data = dm.report() if dm is not None and hasattr(dm, "report") else []
         tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")
         import shutil
 

@@ -1,15 +1,16 @@
 """``rlhf-lit experiments run STUDY_DIR``: run a study's ablations on the pipeline and compare them.
 
 A study directory holds ``study.yaml`` (the base pipeline config, seeds, run directory) and one small
-YAML per experiment in a sub-folder named after the first stage it changes (``sft/``, ``reward/``,
-``ppo/``). An experiment file is either a stage overlay, composable with that stage's base config
-(``rlhf-lit fit --config configs/ppo/tiny.yaml --config experiments/<study>/ppo/x.yaml``), or, when it
-has a top-level ``blend:``, a pipeline overlay (``rlhf-lit pipeline --config base.yaml --config x.yaml``).
-Its first line is a comment stating the question it answers.
+YAML per experiment in sub-folders. An experiment file is either a stage overlay of the base stage named
+like its folder (``ppo/x.yaml``), composable with that stage's config (``rlhf-lit fit --config
+configs/ppo/tiny.yaml --config experiments/<study>/ppo/x.yaml``), or, with top-level pipeline keys
+(``blend:``, ``stages:`` ...), a pipeline overlay: ``stages: [sft, {name: dpo, config: ...}]`` keeps the
+base's sft stage and adds a DPO stage. Its first line is a comment stating the question it answers.
 
-Stages before the one an experiment changes are reused from the study's base run of the same seed
-(every PPO variant shares one SFT and one reward run). The comparison is written as ``results.md``
-(mean ± std over seeds) and ``reward_vs_kl.png`` in the study's output directory.
+The leading stages an experiment runs exactly as the base does are reused from the study's base run of
+the same seed (every PPO variant shares one SFT and one reward run; DPO shares the SFT run). The
+comparison is written as ``results.md`` (mean ± std over seeds), ``reward_vs_kl.png`` (training curves)
+and ``final_vs_kl.png`` (held-out score against KL, every seed) in the study's output directory.
 """
 
 from __future__ import annotations
@@ -23,29 +24,30 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_lit.pipeline import STAGES, deep_merge, from_args
+from rlhf_lit.pipeline import deep_merge, from_args
 from rlhf_lit.recipes import beside, resolve_pipeline_paths
 
-COLUMNS = [  # (header, summary section, key)
-    ("gold (PPO)", "ppo", "gold_reward_mean"),
+COLUMNS = [  # (header, summary section, key); "final" is each run's last policy (PPO's actor, DPO's policy...)
+    ("gold (final policy)", "final", "gold_reward_mean"),
     ("gold (PPO EMA)", "ppo_ema", "gold_reward_mean"),
-    ("gold gain / SFT std", "ppo", "gold_gain_in_sft_std"),
-    ("RM score (PPO)", "ppo", "rm_score_mean"),
-    ("KL (PPO)", "ppo", "kl"),
+    ("gold gain / SFT std", "final", "gold_gain_in_sft_std"),
+    ("win rate vs SFT", "final", "win_rate_vs_sft_gold"),
+    ("RM score (final)", "final", "rm_score_mean"),
+    ("KL (final)", "final", "kl"),
     ("KL (EMA)", "ppo_ema", "kl"),
     ("RM acc. vs gold", "reward", "heldout_accuracy"),
     ("gold (SFT)", "sft", "gold_reward_mean"),
-    ("PPO wall s", "ppo", "wall_s"),
+    ("final stage wall s", "final", "wall_s"),
 ]
 
 
-def experiment_files(study: Path) -> list[tuple[str, str, Path]]:
-    """(name, first changed stage, file) for every experiment YAML, in stage order then name."""
-    out = []
-    for stage in STAGES:
-        for f in sorted((study / stage).glob("*.yaml")):
-            out.append((f"{stage}/{f.stem}", stage, f))
-    return out
+def experiment_files(study: Path, order: list[str] | None = None) -> list[tuple[str, str, Path]]:
+    """(name, folder, file) for every experiment YAML: folders named like a base stage first, in the
+    base's order (default sft, reward, ppo), then the others by name; files by name."""
+    order = order or ["sft", "reward", "ppo"]
+    folders = sorted((d for d in study.iterdir() if d.is_dir() and any(d.glob("*.yaml"))), key=lambda d: d.name)
+    folders.sort(key=lambda d: order.index(d.name) if d.name in order else len(order))
+    return [(f"{d.name}/{f.stem}", d.name, f) for d in folders for f in sorted(d.glob("*.yaml"))]
 
 
 def question(path: Path) -> str:
@@ -55,24 +57,37 @@ def question(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
-PIPELINE_KEYS = {
-    "run_dir",
-    "blend",
-    "tokenizer",
-    "evaluation",
-    "reward_init_from_sft",
-    "checkpoint_every_n_steps",
-    *STAGES,
-}
+PIPELINE_KEYS = {"run_dir", "blend", "tokenizer", "evaluation", "checkpoint_every_n_steps", "stages"}
 
 
-def pipeline_config(base: dict, stage: str, overlay: dict) -> dict:
-    """The base pipeline config with an experiment applied: a pipeline overlay is merged at the top,
-    a stage overlay into that stage's overrides (as a later ``--config`` of the stage would be)."""
+def merge_stages(base: list[dict], over: list) -> list[dict]:
+    """An overlay's stage list: a name alone is the base's stage of that name, a mapping with a base
+    stage's name is merged into it, any other mapping is a new stage; the overlay's order is the run's."""
+    by_name = {s["name"]: s for s in base}
+    out = []
+    for item in over:
+        name = item if isinstance(item, str) else item.get("name")
+        if isinstance(item, str) and name not in by_name:
+            raise ValueError(f"stages: {name!r} is not a stage of the base pipeline ({', '.join(by_name)})")
+        out.append(by_name[name] if isinstance(item, str) else deep_merge(by_name.get(name, {}), item))
+    return out
+
+
+def pipeline_config(base: dict, folder: str, overlay: dict) -> dict:
+    """The base pipeline config with an experiment applied: a pipeline overlay (top-level pipeline keys) is
+    merged at the top, its ``stages`` by :func:`merge_stages`; a stage overlay goes into the overrides of
+    the base stage named like the experiment's folder (as a later ``--config`` of that stage would)."""
     if set(overlay) & PIPELINE_KEYS:
-        return deep_merge(base, overlay)
-    plan = base[stage]
-    return deep_merge(base, {stage: {"overrides": deep_merge(plan.get("overrides") or {}, overlay)}})
+        out = deep_merge(
+            {k: v for k, v in base.items() if k != "stages"}, {k: v for k, v in overlay.items() if k != "stages"}
+        )
+        out["stages"] = merge_stages(base["stages"], overlay["stages"]) if "stages" in overlay else base["stages"]
+        return out
+    names = [s["name"] for s in base["stages"]]
+    if folder not in names:
+        raise ValueError(f"experiments in {folder}/ overlay a stage named {folder!r}; the base has {', '.join(names)}")
+    stages = [deep_merge(s, {"overrides": overlay}) if s["name"] == folder else s for s in base["stages"]]
+    return {**base, "stages": stages}
 
 
 def with_logger(cfg: dict, logger: list | None, name: str, seed: int) -> dict:
@@ -80,39 +95,45 @@ def with_logger(cfg: dict, logger: list | None, name: str, seed: int) -> dict:
     experiment and seed and tagged with the stage (the experiment files carry no logger of their own)."""
     if not logger:
         return cfg
-    out = dict(cfg)
-    for stage in STAGES:
+    stages = []
+    for stage in cfg["stages"]:
         loggers = []
         for spec in logger:
             spec = deep_merge(spec, {})
             if spec["class_path"].endswith("WandbLogger"):
                 init = spec.setdefault("init_args", {})
-                init.update(name=f"{name}/{stage}/seed{seed}", tags=[*init.get("tags", []), stage, name])
+                init.update(
+                    name=f"{name}/{stage['name']}/seed{seed}", tags=[*init.get("tags", []), stage["name"], name]
+                )
             loggers.append(spec)
-        plan = out.get(stage)
-        if plan:  # a pipeline may leave a stage out (e.g. no reward stage with a rule checker)
-            out[stage] = {
-                **plan,
-                "overrides": deep_merge(plan.get("overrides") or {}, {"trainer": {"logger": loggers}}),
-            }
+        stages.append(deep_merge(stage, {"overrides": {"trainer": {"logger": loggers}}}))
+    return {**cfg, "stages": stages}
+
+
+def shared_stages(base: dict, cfg: dict) -> list[str]:
+    """The leading stages an experiment runs exactly as the base does (same data, tokenizer and stage
+    entry): their base-run results are reused."""
+    if any(base.get(k) != cfg.get(k) for k in ("blend", "tokenizer", "checkpoint_every_n_steps")):
+        return []
+    out = []
+    for a, b in zip(base["stages"], cfg["stages"]):
+        if a != b:
+            break
+        out.append(a["name"])
     return out
 
 
-def reuse_stages(base_run: Path, run: Path, first_changed: str) -> None:
-    """Copy the finished stages before ``first_changed`` (and the tokenizer) from the base run."""
+def reuse_stages(base_run: Path, run: Path, keep: list[str], sections: list[str]) -> None:
+    """Copy the finished stages ``keep`` (and the tokenizer) from the base run, and their summary
+    ``sections`` (policy metrics among them are recomputed by the run's evaluation)."""
     run.mkdir(parents=True, exist_ok=True)
-    keep = STAGES[: STAGES.index(first_changed)]
     for item in ["tokenizer", *keep]:
         src = base_run / item
         if src.exists() and not (run / item).exists():
             shutil.copytree(src, run / item)
     summary = json.loads((base_run / "summary.json").read_text())
-    reused = {k: v for k, v in summary.items() if k in keep}
-    for k in reused.get("sft", {}).copy():  # policy metrics are recomputed against this run's reward model
-        if k not in ("eval_loss", "wall_s", "final_metrics"):
-            reused["sft"].pop(k)
     if not (run / "summary.json").exists():
-        (run / "summary.json").write_text(json.dumps(reused, indent=2))
+        (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k in sections}, indent=2))
 
 
 def run_pipeline(cfg: dict, run_dir: Path, seed: int) -> dict:
@@ -158,25 +179,30 @@ def run_study(
     base_path = Path(beside(spec["base"], study.resolve()))  # beside study.yaml, else the working directory
     base = resolve_pipeline_paths(yaml.safe_load(base_path.read_text()), base_path.resolve().parent)
     base = deep_merge(base, spec.get("overrides") or {})
-    experiments = [e for e in experiment_files(study) if not only or e[0] in only]
+    order = [s["name"] for s in base["stages"]]
+    experiments = [e for e in experiment_files(study, order) if not only or e[0] in only]
     questions = {name: question(f) for name, _, f in experiments}
     if spec.get("base_question"):
         questions["base"] = spec["base_question"]
     rows: dict[str, list[dict]] = {"base": []}
     logger = spec.get("logger")
     for seed in seeds:
-        rows["base"].append(run_pipeline(with_logger(base, logger, "base", seed), out / "base" / f"seed{seed}", seed))
-        for name, stage, f in experiments:
+        base_run = out / "base" / f"seed{seed}"
+        rows["base"].append(run_pipeline(with_logger(base, logger, "base", seed), base_run, seed))
+        for name, folder, f in experiments:
             run = out / name.replace("/", "__") / f"seed{seed}"
-            reuse_stages(out / "base" / f"seed{seed}", run, stage)
-            cfg = pipeline_config(base, stage, yaml.safe_load(f.read_text()) or {})
+            overlay = resolve_pipeline_paths(yaml.safe_load(f.read_text()) or {}, f.resolve().parent)
+            cfg = pipeline_config(base, folder, overlay)
+            keep = shared_stages(base, cfg)
+            sections = keep + [n for s in base["stages"] if s["name"] in keep for n in (s.get("policies") or {})]
+            reuse_stages(base_run, run, keep, sections)
             rows.setdefault(name, []).append(run_pipeline(with_logger(cfg, logger, name, seed), run, seed))
     publish = Path(spec["results"]) if spec.get("results") else None
     if only and publish is not None and (publish / "results.json").exists():
         # --only re-runs some rows: the others are kept from the committed results, in their order
         kept = json.loads((publish / "results.json").read_text())
         rows = {**kept, **rows}
-        questions = {**{n: question(f) for n, _, f in experiment_files(study)}, **questions}
+        questions = {**{n: question(f) for n, _, f in experiment_files(study, order)}, **questions}
     table = compare(rows, questions, [tuple(c) for c in spec["columns"]] if spec.get("columns") else None)
     (out / "results.md").write_text(
         f"# {study.name}: results\n\nRegenerate: `rlhf-lit experiments run {study}`\n\n{table}"
@@ -198,10 +224,10 @@ def plot(out: Path, names: list[str], seed: int) -> Path:
     from rlhf_lit.plots import reward_vs_kl
 
     runs = {}
-    for name in names:
-        logs = sorted((out / name.replace("/", "__") / f"seed{seed}" / "ppo").rglob("metrics.csv"))
-        if logs:
-            runs[name] = logs[-1]
+    for name in names:  # every run's RL stage: the one whose log has a KL column
+        for log in sorted((out / name.replace("/", "__") / f"seed{seed}").glob("*/logs/*/metrics.csv")):
+            if "objective/kl" in log.read_text().partition("\n")[0]:
+                runs[name] = log
     return reward_vs_kl(runs, out / "reward_vs_kl.png", title=f"{out.name}: reward against KL (seed {seed})")
 
 

@@ -1,4 +1,5 @@
-"""``rlhf-lit pipeline``: SFT -> reward -> PPO in one run directory, each stage fed the previous exports.
+"""``rlhf-lit pipeline``: a list of stages (e.g. SFT -> reward -> PPO, or SFT -> DPO) in one run directory, each fed
+earlier stages' exports.
 
 For each stage the pipeline writes the complete stage config it runs (``RUN_DIR/<stage>/config.yaml``,
 re-runnable on its own with ``rlhf-lit fit --config``), runs it through the same LightningCLI, and
@@ -9,8 +10,10 @@ last checkpoint. ``summary.json`` collects the evaluation after every stage.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,17 +25,26 @@ import yaml
 from rlhf_lit.cli import lightning_cli
 from rlhf_lit.errors import InputError
 
-STAGES = ("sft", "reward", "ppo")
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)((?:/[A-Za-z0-9_.-]+)*)\}")
 
 
 @dataclass
 class StagePlan:
-    """One stage: a base stage config and nested overrides merged into it."""
+    """One stage of a pipeline: a stage config, overrides merged into it, and what earlier stages feed it."""
 
+    name: str
+    """the stage's name: its folder in run_dir, its summary section, what later stages refer to"""
     config: str
     """path of the stage's base YAML (e.g. configs/sft/tiny.yaml)"""
     overrides: dict = field(default_factory=dict)
     """nested keys merged over the base (e.g. {trainer: {max_epochs: 3}})"""
+    inputs: dict = field(default_factory=dict)
+    """dotted config keys set from earlier stages' exports: "{sft}" in a value is the sft stage's export
+    folder, "{ppo/actor}" a sub-folder (e.g. model.init_args.actor.init_args.path: "{sft}")"""
+    policies: dict = field(default_factory=dict)
+    """summary section -> export sub-folder ("" the export itself) evaluated as a policy on held-out prompts"""
+    reward_model: bool = False
+    """its export is a reward model: accuracy on its held-out pairs, and the proxy judge of the policies"""
 
 
 @dataclass
@@ -40,9 +52,9 @@ class EvalPlan:
     """What the pipeline measures on held-out data after the stages."""
 
     prompts: int = 200
-    """held-out PPO prompts used to evaluate the SFT and PPO policies"""
+    """held-out prompts used to evaluate the policies"""
     gold: Optional[str] = None
-    """import path of a gold reward function (prompt, response) -> float, when the task has one"""
+    """import path of a gold reward function (prompt, response, **columns) -> float, when the task has one"""
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
@@ -50,6 +62,10 @@ class EvalPlan:
     """held-out pairs scored for the reward model's accuracy (None: all of them)"""
     examples: int = 3
     """held-out prompts whose responses each policy's summary keeps (before/after answers)"""
+    baseline: Optional[str] = None
+    """the policy the others are compared with (KL reference, win rate); default: the first policy"""
+    prompts_from: Optional[str] = None
+    """the stage whose held-out records give the prompts (default: the last stage)"""
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -73,18 +89,28 @@ def spec(class_path: str, **init_args) -> dict:
     return {"class_path": class_path, "init_args": init_args}
 
 
+def set_key(cfg: dict, dotted: str, value) -> None:
+    """Merge ``value`` at a dotted key of a nested config (as an override of that key would be)."""
+    *parents, last = dotted.split(".")
+    node = cfg
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise InputError(f"inputs: {dotted}: {k} is not a mapping in the stage config")
+    old = node.get(last)
+    node[last] = deep_merge({"x": old}, {"x": value})["x"] if isinstance(old, dict) else value  # class switch rule
+
+
 class Pipeline:
-    """The three RLHF stages end to end in ``run_dir``."""
+    """A list of stages run in order in ``run_dir``, each fed earlier stages' exports, then an evaluation
+    of the policies they export. The runner knows no stage by name: the YAML says what feeds what."""
 
     def __init__(
         self,
         run_dir: str,
         blend: dict,
-        sft: StagePlan,
-        ppo: StagePlan,
-        reward: Optional[StagePlan] = None,
+        stages: list[StagePlan],
         tokenizer: Optional[dict] = None,
-        reward_init_from_sft: bool = True,
         evaluation: Optional[EvalPlan] = None,
         checkpoint_every_n_steps: int = 50,
     ) -> None:
@@ -92,29 +118,49 @@ class Pipeline:
         run_dir: output directory: one folder per stage, summary.json, the plot.
         blend: the data blend of every stage (init args of datamodules.Blend); its seeded split keeps
             the stages' rows disjoint.
-        sft: the SFT stage.
-        ppo: the PPO stage.
-        reward: the reward stage (null: none; the PPO stage's config then names its reward source, e.g. a
-            rule checker, and its critic starts from the SFT export with a new value head).
-        tokenizer: tokenizer spec of stage 1 (class_path/init_args); default: a BPE trained on the blend,
-            saved in RUN_DIR/tokenizer. Later stages use the SFT export's tokenizer.
-        reward_init_from_sft: start the reward model from the SFT export (else from its config's model).
+        stages: the stages in order.
+        tokenizer: tokenizer spec of the first stage (class_path/init_args); default: a BPE trained on the
+            blend, saved in RUN_DIR/tokenizer. Later stages use the first stage's exported tokenizer
+            unless their inputs set data.init_args.tokenizer.
         evaluation: held-out evaluation settings.
         checkpoint_every_n_steps: how often each stage saves the checkpoint a re-run resumes from.
         """
         self.run_dir = Path(run_dir)
         self.blend = blend
-        self.plans = {k: v for k, v in (("sft", sft), ("reward", reward), ("ppo", ppo)) if v is not None}
+        self.stages = [StagePlan(**s) if isinstance(s, dict) else s for s in stages]
+        self.plans = {p.name: p for p in self.stages}
+        if not self.stages or len(self.plans) != len(self.stages):
+            raise InputError(
+                f"stages: give at least one stage, each with its own name; got {[p.name for p in self.stages]}"
+            )
+        for i, plan in enumerate(self.stages):
+            earlier = [p.name for p in self.stages[:i]]
+            for m in PLACEHOLDER.finditer(json.dumps(plan.inputs)):
+                if m.group(1) not in earlier:
+                    raise InputError(
+                        f"stages[{i}] ({plan.name}).inputs: {{{m.group(1)}}} names no earlier stage "
+                        f"(earlier: {', '.join(earlier) or 'none'})"
+                    )
         self.tokenizer = tokenizer or spec(
             "rlhf_lit.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"), vocab_size=1000
         )
-        self.reward_init_from_sft, self.checkpoint_every = reward_init_from_sft, checkpoint_every_n_steps
+        self.checkpoint_every = checkpoint_every_n_steps
         self.evaluation = evaluation or EvalPlan()
         self.summary_path = self.run_dir / "summary.json"
         self.summary: dict = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
 
     def export(self, stage: str, sub: str = "") -> str:
         return str(self.run_dir / stage / "export" / sub)
+
+    def fill(self, value):
+        """``value`` with every "{stage}" / "{stage/sub}" replaced by that export's folder."""
+        if isinstance(value, str):
+            return PLACEHOLDER.sub(lambda m: self.export(m.group(1), m.group(2).lstrip("/")).rstrip("/"), value)
+        if isinstance(value, dict):
+            return {k: self.fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.fill(v) for v in value]
+        return value
 
     # -- stage configs --------------------------------------------------------------------------
     def stage_config(self, stage: str) -> dict:
@@ -148,23 +194,17 @@ class Pipeline:
         trainer["callbacks"] = callbacks
         data = cfg["data"].setdefault("init_args", {})
         data["blend"] = self.blend
+        first = self.stages[0].name
         data["tokenizer"] = (
-            self.tokenizer if stage == "sft" else spec("rlhf_lit.tokenizer.HFTokenizer", path=self.export("sft"))
+            self.tokenizer if stage == first else spec("rlhf_lit.tokenizer.HFTokenizer", path=self.export(first))
         )
-        model = cfg["model"].setdefault("init_args", {})
-        if stage == "reward" and self.reward_init_from_sft:
-            model["model"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
-        if stage == "ppo":
-            model["actor"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
-            if "reward" in self.plans:
-                model["critic"] = spec("rlhf_lit.models.HFModel", path=self.export("reward"))
-                model["reward"] = spec("rlhf_lit.rewards.ModelReward", path=self.export("reward"), normalize=True)
-            else:
-                model["critic"] = spec("rlhf_lit.models.HFModel", path=self.export("sft"))
-                if "reward" not in model:
-                    raise InputError("ppo: without a reward stage, the PPO config must set model.init_args.reward")
-            if self.evaluation.gold:
-                model["monitor"] = spec("rlhf_lit.rewards.CallableReward", function=self.evaluation.gold)
+        for key, value in plan.inputs.items():
+            set_key(cfg, key, self.fill(value))
+        if self.evaluation.gold and "reward" in (cfg.get("model") or {}).get("init_args", {}):
+            # an RL stage: watch the gold reward on every rollout (never trained on)
+            cfg["model"]["init_args"].setdefault(
+                "monitor", spec("rlhf_lit.rewards.CallableReward", function=self.evaluation.gold)
+            )
         return cfg
 
     def run_stage(self, stage: str) -> None:
@@ -187,8 +227,8 @@ class Pipeline:
         wall = spent + time.time() - t0
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         self.record(stage, {"wall_s": round(wall, 1), "final_metrics": metrics})
-        if stage == "sft" and "val/loss" in metrics:
-            self.record("sft", {"eval_loss": metrics["val/loss"]})
+        if "val/loss" in metrics:
+            self.record(stage, {"eval_loss": metrics["val/loss"]})
         (d / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
         (d / "wall_s").write_text(f"{wall}\n")
 
@@ -209,64 +249,86 @@ class Pipeline:
         cli.datamodule.setup("validate")
         return cli.datamodule.eval_records
 
+    def done_stamp(self, export: str) -> str:
+        """The DONE stamp of the stage that wrote an export folder (changes when the stage re-runs)."""
+        stage = Path(export).relative_to(self.run_dir).parts[0]
+        done = self.run_dir / stage / "DONE"
+        return done.read_text().strip() if done.exists() else ""
+
+    def policies(self) -> dict[str, str]:
+        """Summary section -> export folder of every policy the stages declare, in stage order."""
+        return {name: self.export(p.name, sub) for p in self.stages for name, sub in p.policies.items()}
+
     def evaluate(self) -> None:
         from rlhf_lit.evaluate import evaluate_policy, reward_accuracy, win_rate
         from rlhf_lit.generation import GenerationConfig
         from rlhf_lit.rewards import CallableReward, ModelReward
 
-        ev = self.evaluation
-        if "reward" in self.plans and "heldout_accuracy" not in self.summary.get("reward", {}):
-            self.record(
-                "reward", reward_accuracy(self.export("reward"), self.heldout("reward")[: ev.reward_pairs], ev.gold)
-            )
-        records = self.heldout("ppo")[: ev.prompts]
+        ev, rewards = self.evaluation, {}
+        for plan in (p for p in self.stages if p.reward_model):
+            if "heldout_accuracy" not in self.summary.get(plan.name, {}):
+                pairs = self.heldout(plan.name)[: ev.reward_pairs]
+                self.record(plan.name, reward_accuracy(self.export(plan.name), pairs, ev.gold))
+            rewards["rm_score"] = ModelReward(self.export(plan.name), normalize=False)  # the last one judges
+        if ev.gold:
+            rewards["gold_reward"] = CallableReward(ev.gold)
+        policies = {k: v for k, v in self.policies().items() if Path(v).exists()}
+        if not policies:
+            return
+        records = self.heldout(ev.prompts_from or self.stages[-1].name)[: ev.prompts]
         prompts = [r["prompt"] for r in records]
         names = {k for r in records for k in r.get("columns", {})}  # e.g. a reference answer for a checker
         columns = {k: [r.get("columns", {}).get(k) for r in records] for k in names}
-        rewards = {"rm_score": ModelReward(self.export("reward"), normalize=False)} if "reward" in self.plans else {}
-        if ev.gold:
-            rewards["gold_reward"] = CallableReward(ev.gold)
         gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+        base = ev.baseline or next(iter(policies))
+        if base not in policies:
+            raise InputError(f"evaluation.baseline: {base!r} is not a policy of this pipeline ({', '.join(policies)})")
+        judge = "gold" if ev.gold else "rm"
         scores = {}
-        for name, path in (
-            ("sft", self.export("sft")),
-            ("ppo", self.export("ppo", "actor")),
-            ("ppo_ema", self.export("ppo", "actor_ema")),
-        ):
-            if not Path(path).exists():
+        for name, path in policies.items():
+            # What this evaluation depends on: the policy's stage (its DONE stamp), the baseline, the prompts.
+            asked = hashlib.sha1(json.dumps([prompts, columns, ev.max_new_tokens, ev.temperature, ev.seed]).encode())
+            key = [self.done_stamp(path), self.done_stamp(policies[base]), asked.hexdigest()[:16]]
+            if self.summary.get(name, {}).get("evaluated") == key:  # a re-run or a reused stage: known
+                scores[name] = self.summary[name].get("scores")
                 continue
             res = evaluate_policy(
-                path, prompts, rewards, self.export("sft"), gen, seed=ev.seed, examples=ev.examples, columns=columns
+                path, prompts, rewards, policies[base], gen, seed=ev.seed, examples=ev.examples, columns=columns
             )
-            scores[name] = res.pop("gold_reward_scores" if ev.gold else "rm_score_scores", None)
+            scores[name] = res.pop(f"{'gold_reward' if ev.gold else 'rm_score'}_scores", None)
             res.pop("rm_score_scores", None)
-            self.record(name, res)
-        judge = "gold" if ev.gold else "rm"
-        for name in ("ppo", "ppo_ema"):
-            if scores.get(name) is not None and scores.get("sft") is not None:
-                self.record(name, {f"win_rate_vs_sft_{judge}": win_rate(scores[name], scores["sft"])})
-        if "ppo" in self.summary and "sft" in self.summary and ev.gold:
-            sft, ppo = self.summary["sft"], self.summary["ppo"]
-            gain = (ppo["gold_reward_mean"] - sft["gold_reward_mean"]) / max(sft["gold_reward_std"], 1e-9)
-            self.record("ppo", {"gold_gain_in_sft_std": gain})
+            self.record(name, {**res, "scores": scores[name], "evaluated": key})
+        for name in policies:
+            if name != base and scores[name] is not None and scores[base] is not None:
+                self.record(name, {f"win_rate_vs_{base}_{judge}": win_rate(scores[name], scores[base])})
+                if ev.gold:
+                    s, b = self.summary[name], self.summary[base]
+                    gain = (s["gold_reward_mean"] - b["gold_reward_mean"]) / max(b["gold_reward_std"], 1e-9)
+                    self.record(name, {f"gold_gain_in_{base}_std": gain})
+        final = list(policies)[-1]  # the pipeline's last policy, under one name for comparisons across recipes
+        self.summary["final"] = {"policy": final, **self.summary[final]}
+        self.record("final", {})
 
     def plot(self) -> Optional[Path]:
-        """Gold and proxy reward against KL over PPO training (the over-optimisation picture)."""
+        """Gold and proxy reward against KL over every RL stage's training (the over-optimisation picture)."""
         from rlhf_lit.plots import reward_vs_kl
 
-        logs = sorted((self.run_dir / "ppo").rglob("metrics.csv"))
-        if not logs:
+        runs = {}
+        for plan in self.stages:
+            logs = sorted((self.run_dir / plan.name).rglob("metrics.csv"))
+            if logs and "objective/kl" in logs[-1].read_text().partition("\n")[0]:
+                runs[plan.name] = logs[-1]
+        if not runs:
             return None
         out = self.run_dir / "reward_vs_kl.png"
-        reward_vs_kl({"ppo": logs[-1]}, out, title=f"PPO on {self.run_dir.name}")
-        self.record("ppo", {"plot": str(out)})
+        reward_vs_kl(runs, out, title=f"{', '.join(runs)} on {self.run_dir.name}")
+        self.record("pipeline", {"plot": str(out)})
         return out
 
     def run(self) -> dict:
         t0 = time.time()
-        for stage in STAGES:
-            if stage in self.plans:
-                self.run_stage(stage)
+        for plan in self.stages:
+            self.run_stage(plan.name)
         self.evaluate()
         self.plot()
         self.record("pipeline", {"wall_s_this_invocation": round(time.time() - t0, 1)})
@@ -276,21 +338,26 @@ class Pipeline:
 
     def headline(self) -> str:
         """The summary's numbers in a few lines (everything else is in summary.json)."""
-        keys = (
+        wanted = (
             "eval_loss",
             "heldout_accuracy",
             "gold_reward_mean",
             "rm_score_mean",
             "kl",
-            "win_rate_vs_sft_gold",
-            "win_rate_vs_sft_rm",
-            "gold_gain_in_sft_std",
+            "win_rate_vs_",
+            "gold_gain_in_",
             "wall_s",
         )
         lines = []
-        for section in ("sft", "reward", "ppo", "ppo_ema"):
-            found = {k: self.summary.get(section, {}).get(k) for k in keys}
-            cells = [f"{k}={v:.4g}" for k, v in found.items() if isinstance(v, (int, float))]
+        sections = [p.name for p in self.stages] + [n for n in self.policies() if n not in self.plans]
+        for section in sections:
+            found = self.summary.get(section, {})
+            cells = [
+                f"{k}={v:.4g}"
+                for w in wanted
+                for k, v in found.items()
+                if (k == w or (w.endswith("_") and k.startswith(w))) and isinstance(v, (int, float))
+            ]
             if cells:
                 lines.append(f"[pipeline] {section:<8} " + "  ".join(cells))
         return "\n".join(lines)

@@ -74,8 +74,8 @@ def beside(value, base: Path):
 
 def resolve_pipeline_paths(cfg: dict, base: Path) -> dict:
     """Stage config files, data files and tokenizer directories named in a pipeline YAML, resolved beside
-    it (in place; returns ``cfg``). Stage entries are any ``{config: ...}`` mappings (sft, reward, ppo...)."""
-    for value in cfg.values():
+    it (in place; returns ``cfg``). Stage entries are the ``{config: ...}`` mappings of ``stages:``."""
+    for value in cfg.get("stages") or []:
         if isinstance(value, dict) and "config" in value:
             value["config"] = beside(value["config"], base)
             _paths_beside(value.get("overrides"), base)

@@ -1,4 +1,4 @@
-"""What the three stage modules share: the tokenizer hand-off, optimizer + schedule, throughput,
+"""What the stage modules share: the contract with their datamodule, optimizer + schedule, throughput,
 the Hugging Face export and its model card. One copy here instead of one per stage."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -16,6 +16,24 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit.optim import LRSchedule, param_groups, with_fused_kernel
+
+
+@runtime_checkable
+class StageData(Protocol):
+    """The one contract between a stage module and its datamodule: what a module may read of it, set by
+    the datamodule's ``setup`` (Lightning calls it before the module's). ``datamodules.StageDataModule``
+    implements it; any datamodule with these members works with the stage modules."""
+
+    tokenizer: Any
+    """the tokenizer every model of the stage is built with"""
+    eval_records: list
+    """held-out records (``prompt``, ``messages``, ``response`` ...) for generation metrics"""
+    eval_batch_size: int
+    packed: bool
+    """whether training rows hold several examples (block-diagonal masks)"""
+
+    def report(self) -> list[dict]:
+        """Per source: rows read, kept and dropped by reason (written into model cards)."""
 
 
 class StageModule(L.LightningModule):
@@ -34,14 +52,24 @@ class StageModule(L.LightningModule):
         self.tokenizer = None
         self._rng_to_restore: Optional[dict] = None
 
-    def setup(self, stage: str) -> None:
+    @property
+    def data(self) -> StageData:
+        """The trainer's datamodule, checked against the :class:`StageData` contract."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.tokenizer is None and dm is not None:
-            if dm.tokenizer is None:
-                dm.setup(stage)
-            self.tokenizer = dm.tokenizer
+        if not isinstance(dm, StageData):
+            missing = [
+                k for k in ("tokenizer", "eval_records", "eval_batch_size", "packed", "report") if not hasattr(dm, k)
+            ]
+            raise ValueError(
+                f"{type(self).__name__} needs a datamodule with {', '.join(missing)} (rlhf_lit.stage.StageData)"
+            )
+        return dm
+
+    def setup(self, stage: str) -> None:
         if self.tokenizer is None:
-            raise ValueError(f"{type(self).__name__} needs a tokenizer: use it with a datamodule that has one")
+            self.tokenizer = self.data.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: its datamodule set none in setup")
 
     measure_throughput = True
     """log Lightning's ThroughputMonitor figures (PPO times its generate/score/train phases itself)"""

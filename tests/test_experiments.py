@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from rlhf_lit.cli import lightning_cli
-from rlhf_lit.experiments import experiment_files, pipeline_config, question, run_study, with_logger
+from rlhf_lit.experiments import PIPELINE_KEYS, experiment_files, pipeline_config, question, run_study, with_logger
 from rlhf_lit.pipeline import from_args
 from rlhf_lit.recipes import beside, resolve_pipeline_paths
 
@@ -22,17 +22,19 @@ def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_pat
     text = path.read_text()
     assert len(text.splitlines()) <= 20 and question(path).startswith("Q:")
     assert "logger" not in text  # the logger block lives once, in the study's base
-    overlay = yaml.safe_load(text)
+    overlay = resolve_pipeline_paths(yaml.safe_load(text), path.parent)
     spec = yaml.safe_load((study / "study.yaml").read_text())
     base_path = Path(beside(spec["base"], study))
     base = resolve_pipeline_paths(yaml.safe_load(base_path.read_text()), base_path.parent)
-    if not ({"blend"} & set(overlay)):  # a stage overlay composes with the stage's own base config
-        lightning_cli(["--config", base[stage]["config"], "--config", str(path)], run=False)
+    if not (PIPELINE_KEYS & set(overlay)):  # a stage overlay composes with the stage's own base config
+        config = next(s["config"] for s in base["stages"] if s["name"] == stage)
+        lightning_cli(["--config", config, "--config", str(path)], run=False)
     merged = tmp_path / "pipeline.yaml"
     cfg = with_logger(pipeline_config(base, stage, overlay), spec.get("logger"), name, 0)
-    stages = [s for s in ("sft", "reward", "ppo") if cfg.get(s)]  # a pipeline may have no reward stage
-    for s in stages:  # the study's one W&B block, named after the experiment and stage
-        wandb = [x for x in cfg[s]["overrides"]["trainer"]["logger"] if x["class_path"].endswith("WandbLogger")]
+    stages = [s["name"] for s in cfg["stages"]]  # a pipeline may have no reward stage, or a DPO one
+    for entry in cfg["stages"]:  # the study's one W&B block, named after the experiment and stage
+        s = entry["name"]
+        wandb = [x for x in entry["overrides"]["trainer"]["logger"] if x["class_path"].endswith("WandbLogger")]
         assert wandb[0]["init_args"]["name"] == f"{name}/{s}/seed0" and s in wandb[0]["init_args"]["tags"]
     merged.write_text(yaml.safe_dump(cfg))
     pipe = from_args(["--config", str(merged), f"--run_dir={tmp_path / 'run'}"])
@@ -58,6 +60,15 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     (study / "reward" / "suffix.yaml").write_text(
         "# Q: the divergent-suffix loss?\nmodel: {init_args: {loss: divergent_suffix}}\n"
     )
+    (study / "dpo").mkdir()  # a pipeline overlay: the base's sft stage, then DPO instead of reward + PPO
+    dpo_stage = {
+        "name": "dpo",
+        "config": str(REPO / "configs/dpo/tiny.yaml"),
+        "overrides": {"trainer": {"max_steps": 3}},
+        "inputs": {"model.init_args.model": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": "{sft}"}}},
+        "policies": {"dpo": ""},
+    }
+    (study / "dpo" / "ipo.yaml").write_text("# Q: IPO instead?\n" + yaml.safe_dump({"stages": ["sft", dpo_stage]}))
     out = run_study(study)
     base_run, ppo_run, rm_run = out / "base/seed0", out / "ppo__beta/seed0", out / "reward__suffix/seed0"
     # the PPO variant reused the base run's SFT and reward stages; the reward variant only its SFT
@@ -71,11 +82,17 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     )
     assert (rm_run / "sft/DONE").read_text() == (base_run / "sft/DONE").read_text()
     assert "divergent_suffix" in (rm_run / "reward/config.yaml").read_text()
+    dpo_run = out / "dpo__ipo/seed0"
+    assert (dpo_run / "sft/DONE").read_text() == (base_run / "sft/DONE").read_text()
+    assert not (dpo_run / "reward").exists() and not (dpo_run / "ppo").exists()
     table = (out / "results.md").read_text()
     assert "| base |" in table and "| ppo/beta | Q: a stronger KL? |" in table and "| reward/suffix |" in table
+    assert "| dpo/ipo | Q: IPO instead? |" in table
     assert (out / "reward_vs_kl.png").stat().st_size > 10_000
     rows = json.loads((out / "results.json").read_text())
     assert isinstance(rows["ppo/beta"][0]["ppo"]["kl"], float)  # k1 estimate: may dip below 0 near the reference
+    final = rows["dpo/ipo"][0]["final"]  # the DPO policy against the same SFT policy on the same prompts
+    assert final["policy"] == "dpo" and {"gold_reward_mean", "kl", "win_rate_vs_sft_gold"} <= set(final)
 
 
 @pytest.mark.slow
@@ -87,9 +104,8 @@ def test_every_experiment_runs_a_few_steps_on_the_tiny_model(study, tmp_path, mo
 
     monkeypatch.chdir(REPO)
     small = tmp_path / "study"
-    for stage in ("sft", "reward", "ppo"):
-        if (study / stage).exists():
-            shutil.copytree(study / stage, small / stage)
+    for folder in (d for d in study.iterdir() if d.is_dir() and d.name != "results"):
+        shutil.copytree(folder, small / folder.name)
     spec = yaml.safe_load((study / "study.yaml").read_text())
     base = short_recipe(tmp_path, ppo_steps=2, base=Path(beside(spec["base"], study)))
     (small / "study.yaml").write_text(yaml.safe_dump({"base": str(base), "seeds": [0], "out": str(tmp_path / "out")}))

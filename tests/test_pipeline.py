@@ -27,16 +27,17 @@ def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1, base: 
     cfg["blend"]["sources"][0]["options"]["n"] = 600
     cfg["checkpoint_every_n_steps"] = 3
     tiny = {"init_args": {"hidden_size": 32, "num_layers": 1, "ffn_size": 64}}
-    cfg["sft"]["overrides"] = {
+    stages = {s["name"]: s for s in cfg["stages"]}
+    stages["sft"]["overrides"] = {
         "trainer": {"max_epochs": sft_epochs},
         "model": {"init_args": {"model": tiny, "rouge_samples": 2}},
     }
-    ppo_model = cfg["ppo"]["overrides"].get("model") if not cfg.get("reward") else None
-    if cfg.get("reward"):
-        cfg["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
-    cfg["ppo"]["overrides"] = {"trainer": {"max_steps": ppo_steps}, "data": {"init_args": {"batch_size": 4}}}
-    if ppo_model:
-        cfg["ppo"]["overrides"]["model"] = ppo_model
+    ppo_model = stages["ppo"]["overrides"].get("model") if "reward" not in stages else None
+    if "reward" in stages:
+        stages["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
+    stages["ppo"]["overrides"] = {"trainer": {"max_steps": ppo_steps}, "data": {"init_args": {"batch_size": 4}}}
+    if ppo_model:  # a recipe without a reward model keeps its PPO stage's reward source
+        stages["ppo"]["overrides"]["model"] = ppo_model
     cfg["evaluation"]["prompts"] = 8
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
