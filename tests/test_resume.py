@@ -1,6 +1,6 @@
 """Crash and resume: a run killed (SIGKILL) at a random step and re-run from its last checkpoint ends
-with the same weights as an uninterrupted run, for SFT, reward and PPO (data position, optimizer,
-scheduler, RNG, EMA and KL controller all restored)."""
+with the same weights as an uninterrupted run, for SFT, reward, PPO and DPO (data position, optimizer,
+scheduler, RNG, EMA and KL controller all restored; DPO's cached reference log-probs are recomputed)."""
 
 import json
 import os
@@ -66,7 +66,7 @@ def last_step(ckpt: Path) -> int:
         return -1
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
 def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):  # noqa: F811
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     whole = subprocess.run(
