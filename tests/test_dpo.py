@@ -9,9 +9,9 @@ from helpers import changed, datamodule, snapshot, trainer, unchanged
 
 from datamodules import PreferenceDataModule
 from modules import DPOModule
-from modules.dpo import DPOConfig, response_logps
 from rlhf_lit import losses
 from rlhf_lit.callbacks import HFExport
+from rlhf_lit.dpo import DPOConfig, response_logps
 from rlhf_lit.models import LoRA, TinyModel
 
 
