@@ -29,7 +29,15 @@ from rlhf_lit.models import (
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, clip_grad_norms, param_groups
 from rlhf_lit.rewards import RewardSource
-from rlhf_lit.rollout import ActorCritic, PPOConfig, Rollout, concat_rollouts, make_rollout, select_rows
+from rlhf_lit.rollout import (
+    ActorCritic,
+    InformativeBuffer,
+    PPOConfig,
+    Rollout,
+    make_rollout,
+    penalised_scores,
+    rollout_metrics,
+)
 from rlhf_lit.stage import StageModule
 
 
@@ -103,7 +111,7 @@ class PPOModule(StageModule):
         self.ac = self.ref = self.ema = None
         self.dropout_active = False
         self.samples: list[dict] = []
-        self.pending: Optional[Rollout] = None  # dynamic sampling: informative groups not yet trained on
+        self.buffer: Optional[InformativeBuffer] = None  # dynamic sampling: informative groups waiting
         self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
 
     def configure_model(self) -> None:
@@ -188,34 +196,18 @@ class PPOModule(StageModule):
         )
 
     def informative(self, ro: Rollout) -> Optional[Rollout]:
-        """DAPO's dynamic sampling: keep the groups whose scores differ, and return a full batch (as many
-        rows as this rollout had) once enough are pending, else None. The policy does not change while
-        groups wait, so their old log-probs stay valid. Every rank decides together."""
-        target, k = ro.mask.size(0), self.advantage.samples_per_prompt
-        keep = ppo.varied_groups(ro.scores, k)
-        self.log("rollout/informative_fraction", keep.float().mean(), batch_size=target)
-        kept = select_rows(ro, keep)
-        pad = self.tokenizer.pad_token_id
-        self.pending = kept if self.pending is None else concat_rollouts([self.pending, kept], pad)
-        short = torch.tensor(float(self.pending.mask.size(0) < target), device=ro.mask.device)
-        if self.trainer.world_size > 1:
-            short = self.trainer.strategy.reduce(short, reduce_op="sum")
-        if short > 0:
-            return None
-        out, self.pending = select_rows(self.pending, torch.arange(self.pending.mask.size(0)) < target), None
-        return out
+        """DAPO's dynamic sampling: a full batch (as many rows as this rollout) of groups whose scores
+        differ once enough are pending, else None. Every rank decides together."""
+        self.buffer = self.buffer or InformativeBuffer(self.advantage.samples_per_prompt, self.tokenizer.pad_token_id)
+        kept = self.buffer.add(ro)
+        self.log("rollout/informative_fraction", kept, batch_size=ro.mask.size(0))
+        short = torch.tensor(self.buffer.size() < ro.mask.size(0), device=ro.mask.device)
+        return None if self.any_rank(short) else self.buffer.take(ro.mask.size(0))
 
     def rewards(self, ro: Rollout):
         """Clipped (eos- and overlong-penalised) scores plus the per-token KL penalty (none when the KL is
         in the loss). Returns (B, R) and stats (no KL stats without a reference)."""
-        a, scores = self.algo, ro.scores
-        if a.missing_eos_penalty is not None:
-            scores = scores - a.missing_eos_penalty * (~ro.ended).float()
-        if a.overlong_buffer is not None:
-            length, most = ro.mask.sum(-1), self.gen.max_new_tokens
-            scores = scores + ppo.overlong_penalty(length, most, a.overlong_buffer, a.overlong_penalty)
-        if a.score_clip is not None:
-            scores = scores.clamp(-a.score_clip, a.score_clip)
+        a, scores = self.algo, penalised_scores(ro, self.algo, self.gen.max_new_tokens)
         ref = ro.ref_logprobs if ro.ref_logprobs is not None else ro.logprobs
         coef = 0.0 if a.kl_in_loss else self.kl.value
         rewards, stats = ppo.shaped_rewards(scores, ro.logprobs, ref, ro.mask, coef, a.kl_estimator)
@@ -231,12 +223,6 @@ class PPOModule(StageModule):
         if self.algo.whiten_advantages and self.advantage.token_whitening:
             adv = ppo.whiten(adv, mask, sum_fn=self.sum_over_ranks)
         return adv, ret
-
-    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """Data parallel: whitening statistics of the global batch, not of each rank's shard."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return t
-        return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None):
         """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused)."""
@@ -271,12 +257,7 @@ class PPOModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         prompts, ptx = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)
-        fused = (
-            self.algo.fuse_first_forward
-            and self.algo.ppo_epochs == 1
-            and self.algo.num_minibatches == 1
-            and not self.dropout_active
-        )
+        fused = self.algo.fused(self.dropout_active)
         ro = self.rollout(prompts, score_policy=not fused)
         if self.algo.dynamic_sampling and (ro := self.informative(ro)) is None:
             return  # not yet a full batch of informative groups: sample the next prompts first
@@ -306,9 +287,7 @@ class PPOModule(StageModule):
                 per_step.append(stats)
         # Every rank must hold the same beta: the controller sees the KL averaged over ranks.
         if "kl" in kl_stats:
-            kl = kl_stats["kl"]
-            kl = self.trainer.strategy.reduce(kl, reduce_op="mean") if self.trainer.world_size > 1 else kl
-            self.kl.update(float(kl), n * self.trainer.world_size)
+            self.kl.update(float(self.mean_over_ranks(kl_stats["kl"])), n * self.trainer.world_size)
 
         self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}
         if self.logging_step():
@@ -333,10 +312,7 @@ class PPOModule(StageModule):
     def diverged(self, loss: torch.Tensor, ratio_max: torch.Tensor) -> bool:
         """A non-finite loss or an exploding policy ratio on any rank: every rank skips together (a step
         taken by some ranks only would leave the others waiting in the gradient all-reduce)."""
-        bad = (~torch.isfinite(loss.detach())) | (ratio_max > (self.algo.max_ratio or float("inf")))
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
-        return bool(bad)
+        return self.any_rank((~torch.isfinite(loss.detach())) | (ratio_max > (self.algo.max_ratio or float("inf"))))
 
     @torch.no_grad()
     def update_ema(self, beta: Optional[float] = None) -> None:
@@ -350,27 +326,13 @@ class PPOModule(StageModule):
                 e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
 
     def log_step(self, ro: Rollout, kl_stats, per_step, skipped, timing) -> None:
-        n_tok = float(ro.mask.sum())
-        logs = {
-            "objective/scores": ro.scores.mean(),
-            **{f"objective/{k}": v for k, v in kl_stats.items()},  # kl, non_score_reward, rlhf_reward
-            "objective/entropy": masked_mean(ro.entropy, ro.mask),
-            "objective/kl_coef": self.kl.value,
-            "rollout/response_len_mean": ro.mask.sum(-1).mean(),
-            "rollout/eos_fraction": ro.eos_fraction,
-            "ppo/skipped_minibatches": float(skipped),
-            **{f"time/{k}": v for k, v in timing.items()},
-            "time/tokens_per_s": n_tok / max(sum(timing.values()), 1e-9),
-            "time/prompts_per_s": ro.mask.size(0) / max(sum(timing.values()), 1e-9),
-        }
+        logs = {**rollout_metrics(ro, kl_stats, per_step, skipped, timing), "objective/kl_coef": self.kl.value}
         if getattr(self.reward, "truncated", None) is not None:  # rows the reward model's own tokenizer cut
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
             logs["objective/monitor_scores"] = self.monitor(
                 ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns
             ).mean()
-        for key in per_step[0] if per_step else []:
-            logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
         self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))
         self.log("objective/scores_pb", ro.scores.mean(), prog_bar=True, logger=False)
 

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
 from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
-from rlhf_lit.ops import logprobs_from_logits
-from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rlhf_lit.ops import logprobs_from_logits, masked_mean
+from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, overlong_penalty, varied_groups
 
 
 @dataclass
@@ -46,6 +46,11 @@ class PPOConfig:
     overlong_buffer tokens before max_new_tokens (None: off)"""
     overlong_penalty: float = 1.0
     """the score lost at max_new_tokens (with overlong_buffer)"""
+
+    def fused(self, dropout_active: bool) -> bool:
+        """Whether the first training forward can stand in for the scoring pass (see fuse_first_forward)."""
+        return self.fuse_first_forward and self.ppo_epochs == 1 and self.num_minibatches == 1 and not dropout_active
+
     value_clip: Optional[float] = 0.2
     """value clip around the rollout's values (None: plain squared error)"""
     vf_coef: float = 1.0
@@ -324,3 +329,61 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         timing=timing,
         columns={k: [v for x in parts for v in x.columns.get(k, [None] * len(x.prompts))] for k in names},
     )
+
+
+def penalised_scores(ro: Rollout, algo: PPOConfig, max_new_tokens: int) -> Tensor:
+    """(B,) scores after the missing-eos penalty, DAPO's soft overlong punishment and the clip."""
+    scores = ro.scores
+    if algo.missing_eos_penalty is not None:
+        scores = scores - algo.missing_eos_penalty * (~ro.ended).float()
+    if algo.overlong_buffer is not None:
+        scores = scores + overlong_penalty(ro.mask.sum(-1), max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    if algo.score_clip is not None:
+        scores = scores.clamp(-algo.score_clip, algo.score_clip)
+    return scores
+
+
+def rollout_metrics(ro: Rollout, kl_stats: dict, per_step: list[dict], skipped: int, timing: dict) -> dict:
+    """The step's logged figures: objective (scores, KL and the rest of ``kl_stats``, entropy), rollout
+    shape, the update's mean ``ppo/`` stats over its optimizer steps, and the phases' timing."""
+    seconds = max(sum(timing.values()), 1e-9)
+    logs = {
+        "objective/scores": ro.scores.mean(),
+        **{f"objective/{k}": v for k, v in kl_stats.items()},  # kl, non_score_reward, rlhf_reward
+        "objective/entropy": masked_mean(ro.entropy, ro.mask),
+        "rollout/response_len_mean": ro.mask.sum(-1).mean(),
+        "rollout/eos_fraction": ro.eos_fraction,
+        "ppo/skipped_minibatches": float(skipped),
+        **{f"time/{k}": v for k, v in timing.items()},
+        "time/tokens_per_s": float(ro.mask.sum()) / seconds,
+        "time/prompts_per_s": ro.mask.size(0) / seconds,
+    }
+    for key in per_step[0] if per_step else []:
+        logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
+    return logs
+
+
+class InformativeBuffer:
+    """DAPO's dynamic sampling (Yu et al. 2025): groups whose scores are all equal carry no gradient and
+    are dropped; the others wait here until a full batch is ready. Only valid while the policy does not
+    change, which holds because no update happens until then."""
+
+    def __init__(self, group_size: int, pad_id: int) -> None:
+        self.group_size, self.pad_id = group_size, pad_id
+        self.pending: Optional[Rollout] = None
+
+    def add(self, ro: Rollout) -> float:
+        """Keep ``ro``'s informative groups; returns the share of rows kept."""
+        keep = varied_groups(ro.scores, self.group_size)
+        kept = select_rows(ro, keep)
+        self.pending = kept if self.pending is None else concat_rollouts([self.pending, kept], self.pad_id)
+        return float(keep.float().mean())
+
+    def size(self) -> int:
+        return 0 if self.pending is None else self.pending.mask.size(0)
+
+    def take(self, n: int) -> Rollout:
+        """The first ``n`` pending rows (whole groups when n is a multiple of the group size); the rest is
+        dropped, as DAPO does."""
+        out, self.pending = select_rows(self.pending, torch.arange(self.size()) < n), None
+        return out

@@ -65,6 +65,23 @@ class StageModule(L.LightningModule):
             )
         return dm
 
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` holds on any data-parallel rank (every rank gets the same answer)."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag.float(), reduce_op="sum") > 0
+        return bool(flag)
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Data parallel: whitening statistics of the global batch, not of each rank's shard."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    def mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x, reduce_op="mean")
+
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.data.tokenizer

@@ -176,7 +176,7 @@ def test_dynamic_sampling_trains_only_on_informative_groups(dm, tmp_path):
     t.fit(module, datamodule=dm)
     # every group scored the same: no batch was ever full, no update happened, nothing is pending
     assert t.global_step == 0 and unchanged(actor0, module.ac.policy)
-    assert module.pending.mask.size(0) == 0 and t.callback_metrics["rollout/informative_fraction"] == 0
+    assert module.buffer.size() == 0 and t.callback_metrics["rollout/informative_fraction"] == 0
     with pytest.raises(ValueError, match="dynamic_sampling needs a group estimator"):
         build_ppo(
             dm,
