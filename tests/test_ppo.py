@@ -7,7 +7,7 @@ from helpers import changed, datamodule, snapshot, trainer, unchanged
 from datamodules import PromptDataModule
 from modules import PPOModule
 from rlhf_lit.callbacks import HFExport
-from rlhf_lit.estimators import GRPO, RLOO
+from rlhf_lit.estimators import GRPO, REINFORCEPP, RLOO, DrGRPO
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import AdaptiveKL
 from rlhf_lit.models import TinyModel
@@ -109,7 +109,9 @@ def test_ppo_epochs_and_minibatches_and_adaptive_kl(tokenizer_dir, tmp_path):
     assert module.kl.value != 0.2  # the adaptive controller moved beta after each rollout
 
 
-@pytest.mark.parametrize("estimator", [GRPO(samples_per_prompt=2), RLOO(samples_per_prompt=3)])
+@pytest.mark.parametrize(
+    "estimator", [GRPO(samples_per_prompt=2), RLOO(samples_per_prompt=3), DrGRPO(samples_per_prompt=2), REINFORCEPP()]
+)
 def test_critic_free_estimators_run_without_a_critic(estimator, tokenizer_dir, tmp_path):
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
     module = build(ppo_module(CallableReward("rule_rewards:word_count"), critic=None, advantage=estimator), dm)
