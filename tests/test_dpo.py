@@ -140,3 +140,17 @@ def test_lora_dpo_uses_adapters_off_as_reference_and_simpo_builds_none(tokenizer
     before = snapshot(simpo.model)
     trainer(tmp_path, max_steps=2).fit(simpo, datamodule=dm)
     assert changed(before, simpo.model)
+
+
+def test_pipeline_stage_list_errors_name_the_stage(tmp_path):
+    from rlhf_lit.errors import InputError
+    from rlhf_lit.pipeline import Pipeline, StagePlan
+
+    sft = StagePlan(name="sft", config="configs/sft/tiny.yaml")
+    dpo = StagePlan(name="dpo", config="configs/dpo/tiny.yaml", inputs={"model.init_args.model": "{rm}"})
+    with pytest.raises(InputError, match=r"stages\[1\] \(dpo\)\.inputs: \{rm\} names no earlier stage \(earlier: sft\)"):
+        Pipeline(str(tmp_path), {"sources": []}, [sft, dpo])
+    with pytest.raises(InputError, match="each with its own name"):
+        Pipeline(str(tmp_path), {"sources": []}, [sft, sft])
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        DPOConfig(loss_type="kto")
