@@ -148,7 +148,8 @@ def test_pipeline_stage_list_errors_name_the_stage(tmp_path):
 
     sft = StagePlan(name="sft", config="configs/sft/tiny.yaml")
     dpo = StagePlan(name="dpo", config="configs/dpo/tiny.yaml", inputs={"model.init_args.model": "{rm}"})
-    with pytest.raises(InputError, match=r"stages\[1\] \(dpo\)\.inputs: \{rm\} names no earlier stage \(earlier: sft\)"):
+    expected = r"stages\[1\] \(dpo\)\.inputs: \{rm\} names no earlier stage \(earlier: sft\)"
+    with pytest.raises(InputError, match=expected):
         Pipeline(str(tmp_path), {"sources": []}, [sft, dpo])
     with pytest.raises(InputError, match="each with its own name"):
         Pipeline(str(tmp_path), {"sources": []}, [sft, sft])
