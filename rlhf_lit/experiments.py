@@ -162,8 +162,12 @@ def compare(rows: dict[str, list[dict]], questions: dict[str, str], columns=None
         "| experiment | question | seeds | " + " | ".join(h for h, _, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
+
+    def section(s: dict, sec: str) -> dict:  # rows from before the stage list kept PPO's policy under "ppo"
+        return s.get(sec) or (s.get("ppo", {}) if sec == "final" else {})
+
     for name, summaries in rows.items():
-        cells = [fmt([s[sec][key] for s in summaries if key in s.get(sec, {})]) for _, sec, key in columns]
+        cells = [fmt([section(s, sec)[key] for s in summaries if key in section(s, sec)]) for _, sec, key in columns]
         lines.append(
             f"| {name} | {questions.get(name, 'the base recipe')} | {len(summaries)} | " + " | ".join(cells) + " |"
         )
