@@ -104,6 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         except InputError as e:  # e.g. a pipeline's stage config or data file that does not exist
             print(f"rlhf-lit {argv[0]}: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 1
+        except argparse.ArgumentError as e:  # a pipeline YAML key jsonargparse rejects: the key and why
+            keys = ".".join(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', str(e))))
+            why = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+            print(f"rlhf-lit {argv[0]}: error: {f'config key {keys}: ' if keys else ''}{why}", file=sys.stderr)
+            return 1
     if argv and argv[0] not in LIGHTNING and not argv[0].startswith("-"):
         print(
             f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",

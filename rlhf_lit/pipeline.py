@@ -389,7 +389,7 @@ def from_args(argv: list[str]) -> Pipeline:
     """Parse ``--config FILE`` (and overrides) against Pipeline's typed signature."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="rlhf-lit pipeline", description=__doc__)
+    parser = ArgumentParser(prog="rlhf-lit pipeline", description=__doc__, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(Pipeline, fail_untyped=True)
     init = parser.instantiate_classes(parser.parse_args(configs_resolved(argv)))

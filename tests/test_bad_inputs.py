@@ -229,7 +229,7 @@ def test_reward_export_with_another_tokenizer_retokenizes(tok, tokenizer_dir, tm
 def test_pipeline_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text(
-        "run_dir: x\nblend: {sources: []}\nsft: {config: a.yaml}\nreward: {config: b.yaml}\nppo: {confg: c.yaml}\n"
+        "run_dir: x\nblend: {sources: []}\nstages: [{name: sft, config: a.yaml}, {name: ppo, confg: c.yaml}]\n"
     )
     out = subprocess.run(
         [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(bad)],
@@ -237,7 +237,8 @@ def test_pipeline_config_errors_are_one_line(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode != 0 and "confg" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "rlhf-lit pipeline: error: config key stages: Option 'confg' is not accepted"
 
 
 def test_unknown_command_is_one_line():
