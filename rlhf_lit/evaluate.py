@@ -139,7 +139,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhf-lit evaluate", description="Score exported policies on a prompt set.")
     p.add_argument("--policy", required=True, help="exported policy directory (A)")
     p.add_argument("--policy-b", help="a second policy: reports the win rate of A over B")
-    p.add_argument("--prompts", required=True, help="a file of prompts: .txt (one per line) or .jsonl with 'prompt'")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="a file of prompts: .txt (one per line) or .jsonl with 'prompt' (other fields, e.g. 'answer', reach "
+        "--gold as keyword arguments)",
+    )
     p.add_argument("--reward-model", help="reward export used as judge/proxy")
     p.add_argument("--gold", help="import path of a gold reward function, e.g. datamodules.synthetic:gold_reward")
     p.add_argument("--reference", help="reference policy for the KL")
@@ -154,7 +159,8 @@ def main(argv: list[str]) -> int:
     )
     a = p.parse_args(argv)
     try:
-        prompts = read_prompts(a.prompts)[: a.n]
+        prompts, columns = read_prompts(a.prompts)
+        prompts, columns = prompts[: a.n], {k: v[: a.n] for k, v in columns.items()}
         rewards: dict[str, RewardSource] = {}
         if a.reward_model:
             rewards["rm_score"] = ModelReward(a.reward_model, normalize=False)
@@ -163,7 +169,7 @@ def main(argv: list[str]) -> int:
         if not rewards:
             raise ValueError("give --reward-model and/or --gold to score responses")
         gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature)
-        kw = {"seed": a.seed, "chat_template": a.chat_template}
+        kw = {"seed": a.seed, "chat_template": a.chat_template, "columns": columns}
         result = {"A": evaluate_policy(a.policy, prompts, rewards, a.reference, gen, **kw)}
         if a.policy_b:
             result["B"] = evaluate_policy(a.policy_b, prompts, rewards, a.reference, gen, **kw)
@@ -180,12 +186,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str) -> tuple[list[str], dict[str, list]]:
+    """Prompts and the rows' other fields as columns, ``{name: [value per row]}`` (none for .txt)."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in f if line.strip()]
             missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
             if missing:
                 raise ValueError(f"{path}:{missing[0]}: field 'prompt' is missing or not a string")
-            return [r["prompt"] for r in rows]
-        return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+            names = sorted({k for r in rows for k in r if k != "prompt"})
+            return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in names}
+        return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()], {}

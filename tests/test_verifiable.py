@@ -245,3 +245,24 @@ def test_arithmetic_task_and_checkers():
     assert exact_match("", " -7.", -7) == 1.0 and exact_match("", " no idea", "3") == 0.0
     with pytest.raises(ValueError, match="ops"):
         list(arithmetic(n=1, ops="/"))
+
+
+def test_evaluate_cli_passes_jsonl_fields_to_the_checker(tokenizer_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from rlhf_lit.evaluate import main
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    policy = tmp_path / "policy"
+    spec().build_causal_lm(tok).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    with_answers = write_jsonl(
+        tmp_path / "qa.jsonl", [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+    )
+    args = ["--policy", str(policy), "--gold", "datamodules.verifiable:exact_match", "--max-new-tokens", "4"]
+    assert main([*args, "--prompts", str(with_answers)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["A"]["n"] == 4 and 0 <= result["A"]["gold_reward_mean"] <= 1
+    bare = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "What is 1 + 1?"}])
+    assert main([*args, "--prompts", str(bare)]) == 1
+    assert "needs column 'answer'" in capsys.readouterr().err
