@@ -28,7 +28,7 @@ from rlhf_lit.models import (
 )
 from rlhf_lit.ops import masked_mean
 from rlhf_lit.optim import LRSchedule, clip_grad_norms, param_groups
-from rlhf_lit.rewards import RewardSource
+from rlhf_lit.rewards import RewardSource, score
 from rlhf_lit.rollout import (
     ActorCritic,
     InformativeBuffer,
@@ -330,8 +330,8 @@ class PPOModule(StageModule):
         if getattr(self.reward, "truncated", None) is not None:  # rows the reward model's own tokenizer cut
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
-            logs["objective/monitor_scores"] = self.monitor(
-                ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns
+            logs["objective/monitor_scores"] = score(
+                self.monitor, ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns
             ).mean()
         self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))
         self.log("objective/scores_pb", ro.scores.mean(), prog_bar=True, logger=False)

@@ -16,7 +16,7 @@ from rlhf_lit.generation import GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
 from rlhf_lit.models import HFModel, load_scalar_model
 from rlhf_lit.ops import pad_sequences
-from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource
+from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource, score
 from rlhf_lit.rollout import sequence_logprobs
 from rlhf_lit.tokenizer import HFTokenizer
 
@@ -67,7 +67,7 @@ def evaluate_policy(
         for i, (ids, mask, _, _) in enumerate(batches):
             chunk, resp = prompts[i * batch_size : (i + 1) * batch_size], texts[i * batch_size : (i + 1) * batch_size]
             cols = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in (columns or {}).items()}
-            scores += source(chunk, resp, ids, mask, cols).tolist()
+            scores += score(source, chunk, resp, ids, mask, cols).tolist()
         out[f"{name}_mean"], out[f"{name}_std"] = statistics.mean(scores), statistics.pstdev(scores)
         out[f"{name}_scores"] = scores
     if reference:

@@ -305,7 +305,8 @@ class Pipeline:
                     s, b = self.summary[name], self.summary[base]
                     gain = (s["gold_reward_mean"] - b["gold_reward_mean"]) / max(b["gold_reward_std"], 1e-9)
                     self.record(name, {f"gold_gain_in_{base}_std": gain})
-        final = list(policies)[-1]  # the pipeline's last policy, under one name for comparisons across recipes
+        # The last policy stage's first policy (PPO's actor, not its EMA), under one name across recipes.
+        final = next(n for p in reversed(self.stages) for n in p.policies if n in policies)
         self.summary["final"] = {"policy": final, **self.summary[final]}
         self.record("final", {})
 

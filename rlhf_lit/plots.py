@@ -98,11 +98,8 @@ def final_vs_kl(rows: dict[str, list[dict]], out: Path, ylabel: str, title: str 
     if sft:
         ax.axhline(statistics.mean(sft), color="0.5", ls="--", lw=1, label=f"SFT ({statistics.mean(sft):.3f})")
     for i, (name, runs) in enumerate(rows.items()):
-        pts = [
-            (s["ppo"]["kl"], s["ppo"]["gold_reward_mean"])
-            for s in runs
-            if {"kl", "gold_reward_mean"} <= set(s.get("ppo", {}))
-        ]
+        final = [s.get("final") or s.get("ppo", {}) for s in runs]  # each run's last trained policy
+        pts = [(f["kl"], f["gold_reward_mean"]) for f in final if {"kl", "gold_reward_mean"} <= set(f)]
         if not pts:
             continue
         xs, ys = zip(*pts)

@@ -47,6 +47,14 @@ class RewardSource(nn.Module):
         raise NotImplementedError
 
 
+def score(source, prompts, responses, input_ids, attention_mask, columns: Optional[dict] = None) -> Tensor:
+    """``source``'s scores, passing ``columns`` only when there are some: a reward source written before
+    columns existed (``forward(prompts, responses, input_ids, attention_mask)``) keeps working."""
+    if columns:
+        return source(prompts, responses, input_ids, attention_mask, columns)
+    return source(prompts, responses, input_ids, attention_mask)
+
+
 FORMATS = ("auto", "rlhf_lit", "sequence_classification", "causal")
 
 
@@ -300,5 +308,6 @@ class SumReward(RewardSource):
 
     def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
         return sum(
-            w * s(prompts, responses, input_ids, attention_mask, columns) for w, s in zip(self.weights, self.sources)
+            w * score(s, prompts, responses, input_ids, attention_mask, columns)
+            for w, s in zip(self.weights, self.sources)
         )

@@ -16,6 +16,7 @@ from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
 from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
 from rlhf_lit.ops import logprobs_from_logits, masked_mean
 from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, overlong_penalty, varied_groups
+from rlhf_lit.rewards import score
 
 
 @dataclass
@@ -230,7 +231,7 @@ def make_rollout(
     stops = stop_ids(tokenizer, gen)
     ended = ended_with_stop(responses, mask, stops)
     texts = decode(tokenizer, responses, mask, stops)
-    scores = reward(prompts, texts, input_ids, attention_mask, columns).float()
+    scores = score(reward, prompts, texts, input_ids, attention_mask, columns).float()
     logprobs = entropy = values = ref_logprobs = None
     # Experience is scored in eval mode (DeepSpeed-Chat, OpenRLHF): with dropout active the old
     # log-probs and values would be noisy, and KL to an identical reference would not be 0 (#13).

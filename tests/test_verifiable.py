@@ -266,3 +266,12 @@ def test_evaluate_cli_passes_jsonl_fields_to_the_checker(tokenizer_dir, tmp_path
     bare = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "What is 1 + 1?"}])
     assert main([*args, "--prompts", str(bare)]) == 1
     assert "needs column 'answer'" in capsys.readouterr().err
+
+
+def test_a_reward_source_without_columns_still_works():
+    from rlhf_lit.rewards import score
+
+    legacy = lambda prompts, responses, ids, mask: torch.ones(len(prompts))  # forward before columns existed
+    assert score(legacy, ["p"], ["r"], torch.zeros(1, 2), torch.ones(1, 2)).tolist() == [1.0]
+    with pytest.raises(TypeError):  # given columns, it is called with them (and must take them)
+        score(legacy, ["p"], ["r"], torch.zeros(1, 2), torch.ones(1, 2), {"answer": ["1"]})
