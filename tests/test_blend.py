@@ -1,5 +1,7 @@
 """Blends: stage parts are disjoint, deterministic, cover every record; weights apply."""
 
+import json
+
 import pytest
 from conftest import write_jsonl
 
@@ -63,3 +65,37 @@ def test_blend_validation():
         SourceSpec("synthetic", weight=-1)
     with pytest.raises(ValueError, match="split must be three"):
         Blend([SourceSpec("synthetic")], split=[1, 1])
+
+
+def test_named_parts_are_disjoint_read_by_their_datamodule_and_reported(tmp_path, tokenizer_dir):
+    from datamodules import PreferenceDataModule, SFTDataModule
+    from datamodules.inspect import main
+    from rlhf_lit.tokenizer import HFTokenizer
+
+    split = {"demos": 1, "pairs": 2, "more_pairs": 1}
+    blend = Blend([SourceSpec("hh_rlhf", path=hh_file(tmp_path))], seed=7, split=split, eval_fraction=0.1)
+    sets = {p: set(keys(blend.records(p, kind="reward"))) for p in split}
+    sets["eval"] = set(keys(blend.records("pairs", "eval", kind="reward")))
+    assert sum(len(s) for s in sets.values()) == 200 == len(set().union(*sets.values()))  # disjoint, covering
+    assert {p: len(s) for p, s in sets.items()} == {"demos": 45, "pairs": 90, "more_pairs": 45, "eval": 20}
+    # the held-out part is one list in one order, whichever kind reads it
+    assert keys(blend.records("demos", "eval", kind="sft")) == keys(blend.records("pairs", "eval", kind="reward"))
+    dm = PreferenceDataModule(blend, HFTokenizer(tokenizer_dir), part="more_pairs", max_seq_len=64)
+    dm.setup("fit")
+    assert len(dm.train_items) == 45
+    with pytest.raises(ValueError, match=r"data part 'nope' as 'sft': parts are \['demos', 'pairs', 'more_pairs'\]"):
+        SFTDataModule(blend, HFTokenizer(tokenizer_dir), part="nope").setup("fit")
+    assert main(["inspect", "--source", "hh_rlhf", "--path", hh_file(tmp_path), "--parts", json.dumps(split),
+                 "--seed", "7", "--eval-fraction", "0.1", "--json"]) == 0  # fmt: skip
+
+
+def test_records_a_kind_cannot_use_are_counted_as_dropped(tmp_path, tokenizer_dir):
+    from datamodules import PreferenceDataModule
+    from rlhf_lit.tokenizer import HFTokenizer
+
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)])
+    sources = [SourceSpec("hh_rlhf", path=hh_file(tmp_path)), SourceSpec("json", path=str(sft_rows))]
+    blend = Blend(sources, seed=7, split={"sft": 1, "pairs": 1}, eval_fraction=0.0)
+    dm = PreferenceDataModule(blend, HFTokenizer(tokenizer_dir), part="pairs", max_seq_len=64)
+    dm.setup("fit")
+    assert dm.dropped["json_train_not_reward"] == 20  # the json rows of part "pairs" have no pair
