@@ -48,7 +48,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
 
-# The whole suite but GPU-only tests: 21.8 minutes of pytest measured here (DeepSpeed, resume, study runs
+# The whole suite but GPU-only tests: 20.1 minutes of pytest measured here (DeepSpeed, resume, study runs
 # and the real SmolLM2 model included), after the lint and the real model's one-time install.
 test: install smollm2 lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
