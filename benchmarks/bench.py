@@ -1,15 +1,20 @@
 """The benchmark suite: rlhf-lit vs a bare PyTorch loop vs TRL on one fixed workload, side by side.
 
     make bench                                   # set-up of the peers' environments + this, with defaults
-    python benchmarks/bench.py [--sizes tiny,30m] [--tasks sft,reward,ppo] [--repeats 3] [--json]
+    python benchmarks/bench.py [--sizes tiny,smollm2] [--dtypes fp32,bf16] [--tasks sft,reward,ppo]
+                               [--repeats 3] [--json]
 
-For every size, task and repeat, each contender runs in its own process (ours and the bare loop in
+Sizes: tiny and 30m (OPT, the workload's own tokenizer) and smollm2 (SmolLM2-135M-Instruct, real weights
+after `make smollm2`). dtypes: fp32, or bf16 as mixed precision for every contender (Lightning's
+bf16-mixed, autocast in the bare loop, TRL's bf16=True); ``auto`` (default) adds bf16 only where the CPU
+has bf16 units. Ratio keys: ``<task>_vs_<peer>`` for tiny fp32 (as before), ``<size>_<dtype>_<task>_vs_<peer>``
+for the rest. For every size, dtype, task and repeat, each contender runs in its own process (ours and the bare loop in
 .venv, TRL's SFTTrainer/RewardTrainer in .bench/trl, TRL 1.12's PPO in .bench/trl-ppo), in an order
 that rotates between repeats. A run's throughput is its work (real tokens, pairs, prompts) over the wall
 time of its steps after warm-up; the table shows the median over repeats. Ratios are computed per
 repeat, pair by pair (this shared machine is noisy), then the median is taken.
-MFU = model FLOP/s (the same formula for every contender, see ``model_flops``) / this machine's fp32
-matmul FLOP/s measured in the same run on one thread.
+MFU = model FLOP/s (the same formula for every contender, see ``model_flops``) / this machine's matmul
+FLOP/s in the same dtype, measured in the same run on one thread.
 """
 
 from __future__ import annotations
@@ -35,7 +40,33 @@ PEERS = {"trl": ROOT / ".bench/trl/bin/python", "trl-ppo": ROOT / ".bench/trl-pp
 STEPS = {
     "tiny": {"sft": (40, 5), "reward": (40, 5), "ppo": (20, 3)},
     "30m": {"sft": (12, 2), "reward": (12, 2), "ppo": (5, 1)},
+    "smollm2": {"sft": (4, 1), "reward": (4, 1), "ppo": (2, 1)},
 }
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def key_prefix(size: str, dtype: str) -> str:
+    """Ratio keys: the original tiny fp32 ones unprefixed (``ppo_vs_trl``), the others ``<size>_<dtype>_``."""
+    return "" if (size, dtype) == ("tiny", "fp32") else f"{size}_{dtype}_"
+
+
+def resolve_dtypes(spec: str) -> list[str]:
+    """``auto``: fp32, plus bf16 where this machine multiplies bf16 natively (without bf16 units a bf16 linear
+    layer runs ~7x slower than fp32 here: such rows time the emulation more than the frameworks)."""
+    if spec != "auto":
+        return spec.split(",")
+    import torch
+
+    from rlhf_lit.models import native_half
+
+    if native_half(torch.device("cpu"), torch.bfloat16):
+        return ["fp32", "bf16"]
+    print(
+        "note: bf16 left out (--dtypes auto): this CPU has no bf16 units; --dtypes fp32,bf16 forces it", file=sys.stderr
+    )
+    return ["fp32"]
+
+
 ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -75,18 +106,20 @@ def run(cmd: list[str], workload: Path, steps: int, warmup: int) -> dict:
     return json.loads(lines[-1][len(MARK) :])
 
 
-def matmul_flops(n: int = 1024, reps: int = 20) -> float:
-    """fp32 matmul FLOP/s of one thread (the contenders run with OMP_NUM_THREADS=1): best of ``reps``."""
+def matmul_flops(dtype: str = "fp32", n: int = 1024, reps: int = 20) -> float:
+    """FLOP/s of one thread (the contenders run with OMP_NUM_THREADS=1) for a ``dtype`` n x n linear layer,
+    ``F.linear`` as the models call it: best of ``reps``. (On CPUs without bf16 units, bf16 ``F.linear``
+    takes oneDNN's path, ~9 GFLOP/s here, while a bf16 ``a @ b`` crawls at ~0.9: the models' path is the peak.)"""
     import torch
 
     torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
+    x, w = (torch.randn(n, n, dtype=getattr(torch, DTYPES[dtype])) for _ in range(2))
+    for _ in range(2):
+        torch.nn.functional.linear(x, w)
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(reps if dtype == "fp32" else 5):
         t = time.perf_counter()
-        a @ b
+        torch.nn.functional.linear(x, w)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -136,7 +169,8 @@ def median_of(runs: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="tiny,30m")
+    p.add_argument("--sizes", default="tiny,smollm2")
+    p.add_argument("--dtypes", default="auto", help="fp32, bf16 (mixed precision) or auto: bf16 where native")
     p.add_argument("--tasks", default="sft,reward,ppo")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="runs/bench")
@@ -145,14 +179,14 @@ def main() -> None:
     a = p.parse_args()
     from workload import build
 
-    sizes, tasks = a.sizes.split(","), a.tasks.split(",")
+    sizes, tasks, dtypes = a.sizes.split(","), a.tasks.split(","), resolve_dtypes(a.dtypes)
     missing = [k for k, v in PEERS.items() if not v.exists()]
     if missing:
         print(
             f"note: no {', '.join(missing)} environment: TRL columns left out (run benchmarks/setup_peers.sh)",
             file=sys.stderr,
         )
-    peak = [matmul_flops()]
+    peak = {d: [matmul_flops(d)] for d in dtypes}
     raw: dict = {}
     ratios_per_repeat: dict[str, list[float]] = {}
     t_start = time.perf_counter()
@@ -161,41 +195,42 @@ def main() -> None:
     for size in sizes:
         workload = ROOT / a.out / f"workload-{size}"
         meta = build(size, workload)
-        for task in tasks:
-            steps, warmup = (3, 1) if a.quick else STEPS[size][task]
-            names = contenders(task)
-            for r in range(a.repeats):
-                order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
-                got = {}
-                for name, cmd in order:
-                    got[name] = summarize(run(cmd, workload, steps, warmup))
-                    raw_log.write(
-                        json.dumps({"size": size, "task": task, "contender": name, "repeat": r, **got[name]}) + "\n"
-                    )
-                    raw_log.flush()
-                    raw.setdefault((size, task, name), []).append(got[name])
-                    print(
-                        f"[{time.perf_counter() - t_start:6.0f}s] {size} {task} {name} repeat {r + 1}: "
-                        f"{figure(task, got[name]):,.1f} {UNITS[task]}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                prefix = "" if size == sizes[0] else f"{size}_"
-                for name, base in [(n, b) for n in got if n.startswith("ours") for b in ("trl", "bare") if b in got]:
-                    key = f"{prefix}{task}{name[4:]}_vs_{base}"
-                    ratios_per_repeat.setdefault(key, []).append(figure(task, got[name]) / figure(task, got[base]))
-            peak.append(matmul_flops())
-    flops = max(peak)
+        for dtype in dtypes:
+            for task in tasks:
+                steps, warmup = (3, 1) if a.quick else STEPS[size][task]
+                names = [(n, cmd + ["--dtype", dtype]) for n, cmd in contenders(task)]
+                for r in range(a.repeats):
+                    order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
+                    got = {}
+                    for name, cmd in order:
+                        got[name] = summarize(run(cmd, workload, steps, warmup))
+                        row = {"size": size, "dtype": dtype, "task": task, "contender": name, "repeat": r}
+                        raw_log.write(json.dumps({**row, **got[name]}) + "\n")
+                        raw_log.flush()
+                        raw.setdefault((size, dtype, task, name), []).append(got[name])
+                        print(
+                            f"[{time.perf_counter() - t_start:6.0f}s] {size} {dtype} {task} {name} repeat {r + 1}: "
+                            f"{figure(task, got[name]):,.1f} {UNITS[task]}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    pairs = [(n, b) for n in got if n.startswith("ours") for b in ("trl", "bare") if b in got]
+                    for name, base in pairs:
+                        key = f"{key_prefix(size, dtype)}{task}{name[4:]}_vs_{base}"
+                        ratios_per_repeat.setdefault(key, []).append(figure(task, got[name]) / figure(task, got[base]))
+                peak[dtype].append(matmul_flops(dtype))
+    flops = {d: max(v) for d, v in peak.items()}
     results = {}
-    for (size, task, name), runs in raw.items():
+    for (size, dtype, task, name), runs in raw.items():
         meta = json.loads((ROOT / a.out / f"workload-{size}" / "meta.json").read_text())
         s = median_of(runs)
-        s["mfu"] = model_flops(task, meta, s) / flops
-        results.setdefault(size, {}).setdefault(task, {})[name] = s
+        s["mfu"] = model_flops(task, meta, s) / flops[dtype]  # against the peak of the same dtype
+        results.setdefault(size, {}).setdefault(dtype, {}).setdefault(task, {})[name] = s
     report = {
         "ratios": {k: round(statistics.median(v), 3) for k, v in ratios_per_repeat.items()},
+        "ratios_per_repeat": {k: [round(x, 3) for x in v] for k, v in ratios_per_repeat.items()},
         "results": results,
-        "matmul_gflops_1_thread": round(flops / 1e9, 1),
+        "matmul_gflops_1_thread": {d: round(f / 1e9, 1) for d, f in flops.items()},
         "repeats": a.repeats,
         "hparams": HPARAMS,
         "steps": {s: STEPS[s] for s in sizes},
@@ -212,14 +247,18 @@ UNITS = {"sft": "tokens/s", "reward": "pairs/s", "ppo": "prompts/s"}
 
 def table(report: dict) -> str:
     lines = [
-        f"matmul peak (fp32, 1 thread): {report['matmul_gflops_1_thread']} GFLOP/s; median of "
+        f"matmul peak (1 thread, GFLOP/s): {report['matmul_gflops_1_thread']}; median of "
         f"{report['repeats']} repeats; wall {report['wall_s']:.0f} s",
         "",
-        "| size | task | contender | throughput | unit | vs TRL | vs bare | MFU | peak RSS MiB | runs (units/s) |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| size | dtype | task | contender | throughput | unit | vs TRL | vs bare | MFU | peak RSS MiB "
+        "| runs (units/s) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
-    for size, tasks in report["results"].items():
-        prefix = "" if size == next(iter(report["results"])) else f"{size}_"
+    rows_of = [
+        (size, dtype, tasks) for size, by_dtype in report["results"].items() for dtype, tasks in by_dtype.items()
+    ]
+    for size, dtype, tasks in rows_of:
+        prefix = key_prefix(size, dtype)
         for task, rows in tasks.items():
             for name, s in rows.items():
                 value = figure(task, s)
@@ -229,13 +268,13 @@ def table(report: dict) -> str:
                 ]
                 vs = [f"{v:.2f}x" if v is not None else "" for v in vs]
                 lines.append(
-                    f"| {size} | {task} | {name} | {value:,.1f} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
+                    f"| {size} | {dtype} | {task} | {name} | {value:,.1f} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
                     f"{s['mfu']:.1%} | {s['peak_rss_mib']:.0f} | {s['runs']} |"
                 )
             split = rows.get("ours", {}).get("split")
             if split:
                 lines.append(
-                    f"| {size} | ppo | ours: time split | generate {split['generate']:.0%} / score "
+                    f"| {size} | {dtype} | ppo | ours: time split | generate {split['generate']:.0%} / score "
                     f"{split['score']:.0%} / train {split['train']:.0%} | | | | | | |"
                 )
     lines += ["", "ratios: " + json.dumps(report["ratios"])]

@@ -78,4 +78,5 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--workload", required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision (autocast)")
     return p

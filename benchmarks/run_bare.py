@@ -22,7 +22,7 @@ from datamodules import collate as C
 from rlhf_lit import losses, ppo
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.models import load_scalar_model
-from rlhf_lit.ops import split_shared_prompt
+from rlhf_lit.ops import logprobs_from_logits, split_shared_prompt
 from rlhf_lit.rollout import ActorCritic, make_rollout
 
 H = HPARAMS
@@ -53,7 +53,7 @@ def run_sft(w: Path, tok, records, steps: int, log: StepLog) -> None:
     log.start()
     for b in batches(items, lambda x: C.collate_sft(x, tok.pad_token_id), steps):
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        loss, _ = losses.sft_loss(logits, b["input_ids"], b["loss_mask"])
+        loss, _ = losses.sft_loss(logprobs_from_logits(logits[:, :-1], b["input_ids"][:, 1:]), b["loss_mask"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -110,9 +110,11 @@ def main() -> None:
     w = Path(a.workload)
     tok = AutoTokenizer.from_pretrained(w / "tokenizer")
     log = StepLog()
-    {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](
-        w, tok, read_jsonl(w / "records.jsonl"), a.steps + a.warmup, log
-    )
+    # bf16: autocast around the whole step, as Lightning's bf16-mixed does (fp32 master weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+        {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](
+            w, tok, read_jsonl(w / "records.jsonl"), a.steps + a.warmup, log
+        )
     emit("bare", a.task, log, a.warmup, unit=UNITS[a.task])
 
 

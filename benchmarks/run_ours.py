@@ -20,7 +20,7 @@ from modules import PPOModule, RewardModule, SFTModule
 from rlhf_lit.estimators import GAE
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL
-from rlhf_lit.models import HFModel
+from rlhf_lit.models import HFModel, LoRA
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.rewards import ModelReward
 from rlhf_lit.rollout import PPOConfig
@@ -48,7 +48,25 @@ class Timer(L.Callback):
             self.steplog.end(units=n // 2 if self.task == "reward" else n, tokens=int(batch["attention_mask"].sum()))
 
 
-def build(task: str, w: Path, options: dict):
+def timed_trainer(log: StepLog, task: str, steps: int, **kw) -> L.Trainer:
+    """A Trainer for ``steps`` steps timed by :class:`Timer`: no logger, checkpoints or validation, so the
+    figures are the training loop's. ``kw``: accelerator, precision, strategy."""
+    return L.Trainer(
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Timer(log, task)],
+        **kw,
+    )
+
+
+def build(task: str, w: Path, options: dict, a=None):
     blend = Blend(
         [SourceSpec("hh_rlhf", path=str(w / "hh.jsonl"))], seed=H["seed"], split=SPLITS[task], eval_fraction=0.0
     )
@@ -56,16 +74,24 @@ def build(task: str, w: Path, options: dict):
     common = dict(blend=blend, tokenizer=tok, batch_size=H["batch_size"], max_seq_len=H["max_seq_len"], seed=H["seed"])
     opt = functools.partial(torch.optim.AdamW, lr=H["lr"])
     constant = LRSchedule(decay="constant")
+    ckpt = bool(a and a.grad_ckpt)
+    lora = LoRA(r=a.lora, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]) if a and a.lora else None
     if task == "sft":
-        return SFTModule(HFModel(str(w / "policy")), opt, constant), SFTDataModule(**common, **options)
+        return SFTModule(
+            HFModel(str(w / "policy"), gradient_checkpointing=ckpt), opt, constant, lora=lora
+        ), SFTDataModule(**common, **options)
     if task == "reward":
-        return RewardModule(HFModel(str(w / "reward")), opt, constant), PreferenceDataModule(
-            **common, **{k: v for k, v in options.items() if k == "bucket_by_length"}
-        )
+        return RewardModule(
+            HFModel(str(w / "reward"), gradient_checkpointing=ckpt), opt, constant
+        ), PreferenceDataModule(**common, **{k: v for k, v in options.items() if k == "bucket_by_length"})
+    critic, reward = (a and a.critic) or str(w / "reward"), (a and a.reward) or str(w / "reward")
     module = PPOModule(
-        actor=HFModel(str(w / "policy")),
-        critic=HFModel(str(w / "reward")),
-        reward=ModelReward(str(w / "reward"), normalize=False),
+        actor=HFModel(str(w / "policy"), gradient_checkpointing=ckpt),
+        critic=HFModel(critic, gradient_checkpointing=ckpt),
+        reward=ModelReward(reward, normalize=False),
+        lora=lora,
+        critic_lora=lora,
+        frozen_dtype=a.frozen_dtype if a else "bfloat16",
         optimizer=opt,
         schedule=constant,
         kl=FixedKL(H["kl_coef"]),
@@ -84,24 +110,19 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--bucket", action="store_true", help="SFT/reward: length-bucketed batches")
     p.add_argument("--pack", action="store_true", help="SFT: pack several examples per row")
+    # the memory benchmark's knobs (benchmarks/memory.py, issue #18)
+    p.add_argument("--frozen-dtype", default="bfloat16", help="PPO: storage dtype of the reference and reward")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the trained models")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on the attention of the actor (and critic) (0: off)")
+    p.add_argument("--critic", default=None, help="PPO: critic folder (default: the workload's reward/)")
+    p.add_argument("--reward", default=None, help="PPO: reward model folder (default: the workload's reward/)")
     a = p.parse_args()
     L.seed_everything(H["seed"], verbose=False)
     options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}
-    module, data = build(a.task, Path(a.workload), options)
+    module, data = build(a.task, Path(a.workload), options, a)
     log = StepLog()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=a.steps + a.warmup,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Timer(log, a.task)],
-    )
+    precision = "bf16-mixed" if a.dtype == "bf16" else "32-true"
+    trainer = timed_trainer(log, a.task, a.steps + a.warmup, accelerator="cpu", precision=precision)
     trainer.fit(module, datamodule=data)
     emit("ours", a.task, log, a.warmup, unit=UNITS[a.task], options=sorted(options))
 

@@ -47,6 +47,10 @@ def counting(collator, work: list[dict], pairs: bool):
     return collate
 
 
+BF16 = False  # --dtype bf16: the Trainer's bf16 (autocast on CPU)
+GRAD_CKPT = False  # --grad-ckpt: TRL's gradient checkpointing (the memory benchmark, issue #18)
+
+
 def common_args(out: str, steps: int) -> dict:
     return dict(
         output_dir=out,
@@ -59,8 +63,8 @@ def common_args(out: str, steps: int) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+        bf16=BF16,
+        gradient_checkpointing=GRAD_CKPT,
         dataloader_num_workers=0,
         seed=H["seed"],
         disable_tqdm=True,
@@ -150,8 +154,11 @@ def run_ppo(w: Path, steps: int, warmup: int, out: str) -> None:
 
 
 def main() -> None:
+    global GRAD_CKPT, BF16
     p = parser(__doc__)
+    p.add_argument("--grad-ckpt", action="store_true", help="TRL's gradient checkpointing on")
     a = p.parse_args()
+    GRAD_CKPT, BF16 = a.grad_ckpt, a.dtype == "bf16"
     torch.manual_seed(H["seed"])
     with tempfile.TemporaryDirectory() as out:
         {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}[a.task](

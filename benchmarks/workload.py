@@ -20,7 +20,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    OPTConfig,
+    OPTForCausalLM,
+)
 from transformers.utils import logging as hf_logging
 
 from datamodules.sources import split_hh
@@ -32,6 +40,34 @@ SIZES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512),
     "30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
 }
+# Real shapes, built from config (issue #18's memory benchmark; #19's compute-bound size): published
+# sizes, random weights (the real SmolLM2-135M-Instruct's where `make smollm2` converted it). They read
+# SmolLM2's tokenizer (49,152 tokens; OPT's own is not available offline); the OPT shapes keep OPT's
+# 50,272-row vocabulary so embedding and LM-head memory is the real one (sampled ids past the tokenizer's
+# decode to nothing).
+SMOLLM2_DIR = Path(__file__).resolve().parent.parent / "models/smollm2-135m-instruct"
+SHAPES = {
+    "smollm2": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+        ),
+    ),
+    "opt-350m": (
+        "opt",
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096, word_embed_proj_dim=512),
+    ),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192)),
+    "opt-2.7b": ("opt", dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240)),
+}
+OPT_VOCAB = 50272
 VOCAB, MAX_PROMPT, MAX_ANSWER, ROWS = 4096, 64, 64, 2000
 SYLLABLES = (
     "ka lo mi ne ru sa ti vo pe da gu fi ze ho ja ly qu be ro na wi te cu mo xi sha tri ble gra por ven dul kes mar fen"
@@ -79,7 +115,7 @@ def dialogue_rows(seed: int, n: int) -> list[dict]:
     return rows
 
 
-VERSION = 2  # bump when what build() writes changes: an older workload folder is rebuilt
+VERSION = 3  # bump when what build() writes changes: an older workload folder is rebuilt
 
 
 def build(size: str, out: Path, seed: int = 0) -> dict:
@@ -93,8 +129,13 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     hf_logging.disable_progress_bar()
     rows = dialogue_rows(seed, ROWS)
     records = [split_hh(r["chosen"], r["rejected"]) for r in rows]
-    tok = train_bpe((t for r in records for t in (r["prompt"], r["chosen"], r["rejected"])), VOCAB)
-    save_atomically(tok, str(out / "tokenizer"))
+    if size in SHAPES:
+        if not (SMOLLM2_DIR / "tokenizer.json").exists():
+            raise SystemExit(f"size {size} reads SmolLM2's tokenizer: run `make smollm2` first ({SMOLLM2_DIR})")
+        AutoTokenizer.from_pretrained(SMOLLM2_DIR).save_pretrained(out / "tokenizer")
+    else:
+        tok = train_bpe((t for r in records for t in (r["prompt"], r["chosen"], r["rejected"])), VOCAB)
+        save_atomically(tok, str(out / "tokenizer"))
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     # The issue's limits: prompts <= 64 tokens, answers (with eos) <= 64. Rows beyond them are dropped and counted.
     n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
@@ -109,20 +150,8 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
         f.writelines(json.dumps({k: records[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n" for i in keep)
 
     torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=len(tok),
-        max_position_embeddings=MAX_PROMPT + MAX_ANSWER + 2,
-        word_embed_proj_dim=SIZES[size]["hidden_size"],
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        layerdrop=0.0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **SIZES[size],
-    )
-    policy = OPTForCausalLM(cfg)
+    policy = initial_policy(size, tok)
+    cfg = policy.config
     policy.save_pretrained(out / "policy")
     tok.save_pretrained(out / "policy")
     # The reward model / critic: the policy's backbone plus a value head, in both formats.
@@ -130,21 +159,26 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     torch.nn.init.normal_(rm.value_head.weight, std=1.0 / (cfg.hidden_size + 1) ** 0.5)
     rm.save_pretrained(out / "reward")
     tok.save_pretrained(out / "reward")
-    seq = OPTForSequenceClassification.from_pretrained(out / "policy", num_labels=1)
+    seq = AutoModelForSequenceClassification.from_pretrained(out / "policy", num_labels=1)
     seq.score.weight.data.copy_(rm.value_head.weight.data)
     seq.config.pad_token_id = tok.pad_token_id
     seq.save_pretrained(out / "reward_hf")
     tok.save_pretrained(out / "reward_hf")
 
-    embed = policy.get_input_embeddings().weight.numel() + policy.model.decoder.embed_positions.weight.numel()
+    embed = policy.get_input_embeddings().weight.numel()
+    if cfg.model_type == "opt":
+        embed += policy.model.decoder.embed_positions.weight.numel()
     total = sum(p.numel() for p in policy.parameters())
     prompt_tokens = [n_tok(records[i]["prompt"]) for i in keep]
     meta = {
         "version": VERSION,
         "size": size,
+        "family": cfg.model_type,
         "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
-        **SIZES[size],
-        "vocab": len(tok),
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab": policy.get_input_embeddings().num_embeddings,
+        "real_weights": size == "smollm2" and (SMOLLM2_DIR / "model.safetensors").exists(),
         "params": total,
         "non_embedding_params": total - embed,
         "rows": len(rows),
@@ -158,9 +192,32 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     return meta
 
 
+def initial_policy(size: str, tok):
+    """The policy every contender starts from: OPT of the benchmark's small sizes, or a real shape."""
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if size == "smollm2" and (SMOLLM2_DIR / "model.safetensors").exists():
+        return AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32)
+    if size in SHAPES:
+        family, shape = SHAPES[size]
+        extra = {"vocab_size": OPT_VOCAB, "dropout": 0.0, "attention_dropout": 0.0} if family == "opt" else {}
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape, **extra, **ids))
+    cfg = OPTConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=MAX_PROMPT + MAX_ANSWER + 2,
+        word_embed_proj_dim=SIZES[size]["hidden_size"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        **ids,
+        **SIZES[size],
+    )
+    return OPTForCausalLM(cfg)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--size", choices=sorted({**SIZES, **SHAPES}), default="tiny")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     print(json.dumps(build(a.size, Path(a.out or f"runs/bench/workload-{a.size}"))))

@@ -30,6 +30,7 @@ class DPOModule(StageModule):
         schedule: Optional[LRSchedule] = None,
         weight_decay: float = 0.0,
         lora: Optional[LoRA] = None,
+        frozen_dtype: str = "bfloat16",
     ) -> None:
         """Args:
         model: spec of the policy to train (built in configure_model).
@@ -40,8 +41,10 @@ class DPOModule(StageModule):
         schedule: warmup + decay of the learning rate.
         weight_decay: decoupled weight decay of the weight matrices.
         lora: train low-rank adapters instead of all weights (merged on export).
+        frozen_dtype: storage dtype of the frozen reference: bfloat16 (default; computed in fp32 layer by
+            layer where the hardware has no bf16 units), float16 or float32.
         """
-        super().__init__(optimizer, schedule, weight_decay)
+        super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters()
         self.spec, self.ref_spec, self.lora = model, reference or model, lora
         self.cfg = loss or DPOConfig()
@@ -57,6 +60,7 @@ class DPOModule(StageModule):
         self.model = apply_lora(model, self.lora).train()  # from_pretrained returns eval mode (#13)
         if self.cfg.needs_reference and self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
+        self.hold_frozen(self.ref, dtype=self.frozen_dtype)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen reference
 
     def train(self, mode: bool = True):

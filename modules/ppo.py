@@ -24,6 +24,7 @@ from rlhf_lit.models import (
     has_dropout,
     lm_inputs,
     merged,
+    next_token_logprobs,
     set_dropout,
 )
 from rlhf_lit.ops import masked_mean
@@ -65,6 +66,8 @@ class PPOModule(StageModule):
         value_head_on_actor: bool = False,
         samples_every: int = 10,
         dropout: Optional[float] = 0.0,
+        frozen_dtype: str = "bfloat16",
+        critic_lora: Optional[LoRA] = None,
     ) -> None:
         """Args:
         actor: spec of the policy (usually the SFT export).
@@ -90,12 +93,17 @@ class PPOModule(StageModule):
             off, as DeepSpeed-Chat's OPT recipes and OpenRLHF do in RL: the PPO ratio then compares the same
             function before and after the update. None keeps the checkpoints' dropout (experience is still
             scored in eval mode; the fused first forward is then not used).
+        frozen_dtype: storage dtype of the frozen reference, reward and monitor models: bfloat16 (default,
+            half of fp32's memory; computed in fp32 layer by layer where the hardware has no bf16 units),
+            float16 or float32 (as loaded). The EMA stays fp32: bf16 would round away its (1 - beta) updates.
+        critic_lora: train low-rank adapters on the critic's backbone (its value head in full) instead of all
+            its weights: no gradients or Adam states for the backbone (merged on export).
         """
-        super().__init__(optimizer, schedule, weight_decay)
+        super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters(ignore=["reward", "monitor"])
         self.automatic_optimization = False
         self.actor_spec, self.critic_spec, self.ref_spec = actor, critic, reference or actor
-        self.reward, self.lora, self.monitor = reward, lora, monitor
+        self.reward, self.lora, self.critic_lora, self.monitor = reward, lora, critic_lora, monitor
         self.kl = kl or FixedKL(0.05)
         self.advantage = advantage or GAE()
         self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
@@ -128,6 +136,7 @@ class PPOModule(StageModule):
             critic = self.critic_spec.build_scalar(self.tokenizer)
             if self.critic_spec.gradient_checkpointing:
                 enable_checkpointing(critic.backbone)
+            critic.backbone = apply_lora(critic.backbone, self.critic_lora, task_type=None)
         self.ac = ActorCritic(policy, critic, head)
         if self.dropout is not None:
             set_dropout(self.ac, self.dropout)
@@ -137,6 +146,7 @@ class PPOModule(StageModule):
         for source in [s for s in (self.reward, self.monitor) if s is not None]:
             source.build(self.tokenizer)
             source.eval().requires_grad_(False)
+        self.hold_frozen(self.ref, self.reward, self.monitor, dtype=self.frozen_dtype)
         if self.algo.ema_beta is not None:  # built like the actor (partitioned under ZeRO-3), then copied
             self.ema = (
                 apply_lora(self.actor_spec.build_causal_lm(self.tokenizer), self.lora).eval().requires_grad_(False)
@@ -248,10 +258,10 @@ class PPOModule(StageModule):
         if a.entropy_coef:
             loss = loss - a.entropy_coef * masked_mean(entropy, mask)
         if ptx is not None and a.ptx_coef:
-            logits = self.ac.policy(
-                **lm_inputs(self.ac.policy, ptx["input_ids"], ptx["attention_mask"]), use_cache=False
-            ).logits
-            ptx_loss, _ = losses.sft_loss(logits, ptx["input_ids"], ptx["loss_mask"])
+            lp = next_token_logprobs(
+                self.ac.policy, **lm_inputs(self.ac.policy, ptx["input_ids"], ptx["attention_mask"])
+            )
+            ptx_loss, _ = losses.sft_loss(lp, ptx["loss_mask"])
             loss, stats["ptx_loss"] = loss + a.ptx_coef * ptx_loss, ptx_loss.detach()
         return loss, stats
 

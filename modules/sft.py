@@ -11,7 +11,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from rlhf_lit import losses
 from rlhf_lit.generation import GenerationConfig, generate_texts
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged
+from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged, next_token_logprobs
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
 
@@ -68,19 +68,20 @@ class SFTModule(StageModule):
             self.model = apply_lora(model, self.lora).train()
 
     def forward(self, input_ids, attention_mask, position_ids=None, attention_mask_4d=None):
-        """(B, T) ids and mask -> logits (B, T, V). Packed rows bring their positions and a (B, 1, T, T)
-        block-diagonal mask (see datamodules.collate.pack_sft)."""
+        """(B, T) ids and mask -> next-token log-probs (B, T - 1), computed in LM-head chunks (no (B, T, V)
+        logits; #18). Packed rows bring their positions and a (B, 1, T, T) block-diagonal mask (see
+        datamodules.collate.pack_sft)."""
         if attention_mask_4d is None:
             kw = lm_inputs(self.model, input_ids, attention_mask)
         else:
             kw = {"input_ids": input_ids, "attention_mask": attention_mask_4d, "position_ids": position_ids}
-        return self.model(**kw, use_cache=False).logits
+        return next_token_logprobs(self.model, **kw)
 
     def step(self, batch):
-        logits = self(
+        logprobs = self(
             batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("attention_mask_4d")
         )
-        return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return losses.sft_loss(logprobs, batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
         loss, stats = self.step(batch)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from rlhf_lit.models import gathered
+from rlhf_lit.models import DTYPES, gathered
 
 
 class HFExport(L.Callback):
@@ -20,11 +21,15 @@ class HFExport(L.Callback):
     critic). It is written to a temporary sibling and renamed, so a crash leaves no half export.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, dtype: Optional[str] = None) -> None:
         """Args:
         dirpath: output directory (replaced if it exists).
+        dtype: floating weights saved as float32, bfloat16 or float16 (config.json says so); None keeps
+            the dtype they were trained in (fp32 master weights under bf16-mixed).
         """
-        self.dirpath = Path(dirpath)
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"HFExport dtype must be one of {', '.join(DTYPES)} or null, got {dtype!r}")
+        self.dirpath, self.dtype = Path(dirpath), dtype
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Under ZeRO-3 every rank takes part in gathering the full weights; rank 0 writes them.
@@ -41,12 +46,31 @@ class HFExport(L.Callback):
 
         shutil.rmtree(tmp, ignore_errors=True)
         pl_module.export(tmp, data=data)
+        if self.dtype is not None:
+            for folder in {f.parent for f in tmp.rglob("*.safetensors")}:
+                cast_export(folder, self.dtype)
         old = self.dirpath.with_name(f".{self.dirpath.name}.old")
         if self.dirpath.exists():
             shutil.rmtree(old, ignore_errors=True)
             self.dirpath.rename(old)
         tmp.rename(self.dirpath)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def cast_export(folder: Path, dtype: str) -> None:
+    """Rewrite a saved model's floating tensors (every safetensors file) in ``dtype`` and record it in its
+    config.json: a file at a time, so memory holds one shard, never a second copy of the training model."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    cfg = folder / "config.json"
+    if cfg.exists():
+        config = json.loads(cfg.read_text())
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = dtype
+        cfg.write_text(json.dumps(config, indent=2))
 
 
 class SampleTable(L.Callback):

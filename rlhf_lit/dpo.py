@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_lit import losses
-from rlhf_lit.models import lm_inputs
-from rlhf_lit.ops import logprobs_from_logits
+from rlhf_lit.models import lm_inputs, next_token_logprobs
 
 
 @dataclass
@@ -45,8 +44,7 @@ class DPOConfig:
 def response_logps(model, input_ids, attention_mask, prompt_len):
     """Summed log-probs of the response tokens and their count. input_ids, attention_mask: (2B, T), the B
     chosen rows then the B rejected ones; prompt_len: (B,). Returns two (2B,) tensors."""
-    logits = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False).logits[:, :-1]
-    lp = logprobs_from_logits(logits, input_ids[:, 1:])
+    lp = next_token_logprobs(model, **lm_inputs(model, input_ids, attention_mask))
     pos = torch.arange(1, input_ids.size(1), device=input_ids.device)
     response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask[:, 1:].bool()
     return (lp * response).sum(-1), response.sum(-1)

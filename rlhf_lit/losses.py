@@ -12,17 +12,15 @@ from torch import Tensor
 from rlhf_lit.ops import masked_mean
 
 
-def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def sft_loss(next_logprobs: Tensor, loss_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy averaged over the tokens where ``loss_mask`` is 1.
 
-    logits: (B, T, V); input_ids, loss_mask: (B, T). Token t+1 is predicted from position t, so the
-    mask is read on the target side: prompt tokens masked out (InstructGPT SFT) or all tokens in.
+    next_logprobs: (B, T - 1), entry t the log-prob of token t+1 at position t (from
+    :func:`rlhf_lit.models.next_token_logprobs`, which never makes the (B, T, V) logits); loss_mask: (B, T),
+    read on the target side: prompt tokens masked out (InstructGPT SFT) or all tokens in.
     """
-    # Targets shifted left instead of logits shifted right: no copy of the (B, T, V) logits.
-    mask = torch.cat([loss_mask[:, 1:], loss_mask.new_zeros(loss_mask.size(0), 1)], 1).float()
-    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], 1)
-    nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    loss = masked_mean(nll.view_as(targets), mask)
+    mask = loss_mask[:, 1:].float()
+    loss = masked_mean(-next_logprobs.float(), mask)
     return loss, {"loss": loss.detach(), "tokens": mask.sum().detach()}
 
 

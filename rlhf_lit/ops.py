@@ -10,6 +10,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Positions per LM-head chunk in chunked_logprobs: 256 x 49,152 (SmolLM2's vocabulary) fp32 logits are
+# 50 MB, against 800 MB for the whole (8, 512, V) tensor of a training batch, its log-softmax and gradient.
+LOGIT_CHUNK = 256
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -68,6 +73,48 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     logits = logits.float()
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: Callable, temperature: float, entropy: bool) -> Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logp[None]
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = logsumexp - E_p[logit]
+    return torch.stack([logp, ent])
+
+
+def chunked_logprobs(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk: int = LOGIT_CHUNK,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs of ``targets`` (and the entropies) without a (B, T, V) tensor: the LM head and the
+    log-softmax run on ``chunk`` positions at a time. hidden: (B, T, H) states the head reads (or logits
+    with ``head`` the identity), targets: (B, T) -> logp, entropy: (B, T) (entropy None unless asked).
+
+    Under autograd each chunk is checkpointed: its fp32 logits are recomputed in backward instead of being
+    kept (the idea of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, without a custom
+    kernel), so the memory beyond the hidden states is one chunk's logits, at the cost of the head's
+    forward once more. Equal to ``logprobs_from_logits(head(hidden) / temperature, targets)`` (tested).
+    """
+    b, t = targets.shape
+    flat_h, flat_t = hidden.reshape(b * t, -1), targets.reshape(-1)
+    track = torch.is_grad_enabled() and (
+        flat_h.requires_grad or any(p.requires_grad for p in getattr(head, "parameters", list)())
+    )
+    parts = []
+    for i in range(0, max(b * t, 1), chunk):
+        args = (flat_h[i : i + chunk], flat_t[i : i + chunk], head, temperature, entropy)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if track else _chunk_logprobs(*args))
+    out = torch.cat(parts, 1).view(-1, b, t)
+    return out[0], (out[1] if entropy else None)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
-from rlhf_lit.models import ScalarModel, accepts_arg, gathered, lm_inputs
-from rlhf_lit.ops import logprobs_from_logits, masked_mean
+from rlhf_lit.models import ScalarModel, gathered, lm_hidden, lm_inputs
+from rlhf_lit.ops import chunked_logprobs, masked_mean
 from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, overlong_penalty, varied_groups
 from rlhf_lit.rewards import score
 
@@ -134,40 +134,31 @@ class ActorCritic(nn.Module):
         input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
         without a critic). Position P-1 predicts the first response token, hence the shift.
         """
-        out, logits = response_logits(
-            self.policy, input_ids, attention_mask, prompt_len, output_hidden_states=self.value_head is not None
-        )
-        logprobs, entropy = logprobs_and_entropy(logits, input_ids[:, prompt_len:], temperature)
+        hidden, head = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+        logprobs, entropy = chunked_logprobs(hidden, head, input_ids[:, prompt_len:], temperature, entropy=True)
         values = None
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]
         elif self.value_head is not None:
-            hidden = out.hidden_states[-1][:, prompt_len - 1 : -1]
+            if isinstance(head, nn.Identity):  # a family that gives logits whole: ask for its hidden states
+                out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True)
+                hidden = out.hidden_states[-1][:, prompt_len - 1 : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logprobs, entropy, values
 
 
-def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, **kw):
-    """The model's output and the logits that predict the R response tokens, (B, R, V): positions
-    P-1 .. P+R-2. Where the model takes ``logits_to_keep`` the LM head runs on those R+1 positions only,
-    not on the prompt (about half of PPO's LM-head work, forward and backward, on short answers)."""
-    r = input_ids.size(1) - prompt_len
-    keep = {"logits_to_keep": r + 1} if accepts_arg(model, "logits_to_keep") else {}
-    out = model(**lm_inputs(model, input_ids, attention_mask), use_cache=False, **keep, **kw)
-    return out, out.logits[:, -(r + 1) : -1]
-
-
-def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0):
-    """Response logits (B, R, V) and tokens (B, R) -> log-probs and entropies (B, R) at the sampling
-    temperature, both from one log-softmax (one pass over the vocabulary instead of two)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int):
+    """The hidden states that predict the R response tokens, (B, R, H) (positions P-1 .. P+R-2), and the
+    LM head: the head then runs on response positions only, in chunks, never on the prompt and never on
+    the whole (B, R, V) at once (issue #18)."""
+    hidden, head = lm_hidden(model, **lm_inputs(model, input_ids, attention_mask))
+    return hidden[:, prompt_len - 1 : -1], head
 
 
 def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0) -> Tensor:
     """(B, P + R) -> log-probs of the R response tokens (B, R) (no entropy: the reference needs none)."""
-    _, logits = response_logits(model, input_ids, attention_mask, prompt_len)
-    return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
+    hidden, head = response_hidden(model, input_ids, attention_mask, prompt_len)
+    return chunked_logprobs(hidden, head, input_ids[:, prompt_len:], temperature)[0]
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from rlhf_lit.memory import release_freed_memory
+from rlhf_lit.models import FROZEN_DTYPES, hold_frozen
 from rlhf_lit.optim import LRSchedule, param_groups, with_fused_kernel
 
 
@@ -46,10 +48,14 @@ class StageModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: Optional[LRSchedule] = None,
         weight_decay: float = 0.0,
+        frozen_dtype: str = "bfloat16",
     ) -> None:
         super().__init__()
         self.optimizer_factory, self.schedule, self.weight_decay = optimizer, schedule or LRSchedule(), weight_decay
         self.tokenizer = None
+        if frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {frozen_dtype!r}")
+        self.frozen_dtype = frozen_dtype
         self._rng_to_restore: Optional[dict] = None
 
     @property
@@ -82,7 +88,17 @@ class StageModule(L.LightningModule):
             return x
         return self.trainer.strategy.reduce(x, reduce_op="mean")
 
+    def hold_frozen(self, *modules: Optional[torch.nn.Module], dtype: str) -> None:
+        """Frozen models (reference, reward, monitor) stored in ``dtype`` (:func:`rlhf_lit.models.hold_frozen`).
+        Under DeepSpeed its own precision decides: bf16 there casts every module it holds, frozen ones too."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return
+        for m in modules:
+            if m is not None:
+                hold_frozen(m, dtype)
+
     def setup(self, stage: str) -> None:
+        release_freed_memory()  # freed tensors go back to the system: ~30% lower peak RSS on CPU (#18)
         if self.tokenizer is None:
             self.tokenizer = self.data.tokenizer
         if self.tokenizer is None:

@@ -97,9 +97,14 @@ def test_dpo_wiring_frozen_reference_cache_export_and_learning(tokenizer_dir, tm
     model0, ref0 = snapshot(module.model), snapshot(module.ref)
     batch = next(iter(dm.train_dataloader()))
     loss0, _ = module.step(batch)
-    assert loss0.item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: h = 0
+    assert all(p.dtype == torch.bfloat16 for p in module.ref.parameters())  # frozen reference held in bf16 (#18)
+    assert loss0.item() == pytest.approx(math.log(2), abs=2e-3)  # policy == reference up to bf16 rounding
+    exact = DPOModule(spec(), frozen_dtype="float32")
+    exact.tokenizer = dm.tokenizer
+    exact.configure_model()
+    assert exact.step(batch)[0].item() == pytest.approx(math.log(2), abs=1e-5)  # an fp32 reference: h = 0
     calls = []
-    module.ref.register_forward_hook(lambda *a: calls.append(1))
+    module.ref.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))  # one call per forward
     module.ref_cache.clear()
     t = trainer(tmp_path, max_steps=-1, max_epochs=2, val=True, callbacks=[HFExport(str(tmp_path / "out"))])
     t.fit(module, datamodule=dm)

@@ -1,6 +1,7 @@
 """The speed work changes how things are computed, never what: each fast path equals the plain one."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ from datamodules.sampler import ResumableSampler
 from modules import PPOModule, SFTModule
 from rlhf_lit import losses
 from rlhf_lit.generation import GenerationConfig, generate, pick_tokens
-from rlhf_lit.models import TinyModel
+from rlhf_lit.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half
+from rlhf_lit.ops import chunked_logprobs, logprobs_from_logits
 from rlhf_lit.rewards import CallableReward
-from rlhf_lit.rollout import PPOConfig, logprobs_and_entropy, response_logits
+from rlhf_lit.rollout import PPOConfig, response_hidden
 
 
 def model(family, tok, seed=0):
@@ -70,31 +72,46 @@ def test_pick_tokens_samples_the_filtered_softmax():
     assert abs((hot == 0).float().mean() - 0.5) < 0.03
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
-def test_response_logits_equal_the_slice_of_full_logits(tok, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_on_response_hidden_states_equals_the_slice_of_full_logits(tok, family):
     m = model(family, tok)
     ids, mask = left_padded(tok, length=12)
-    _, logits = response_logits(m, ids, mask, prompt_len=7)
-    full = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    assert logits.shape == (4, 5, len(tok)) and torch.allclose(logits, full[:, 6:-1], atol=1e-5)
+    hidden, head = response_hidden(m, ids, mask, prompt_len=7)
+    full = m(**lm_inputs(m, ids, mask)).logits
+    assert hidden.shape[:2] == (4, 5) and torch.allclose(head(hidden), full[:, 6:-1], atol=1e-5)
+    lora = apply_lora(model(family, tok), LoRA(r=2, target_modules="all-linear"))  # adapters stay in the path
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    hidden, head = response_hidden(lora, ids, mask, prompt_len=7)
+    assert torch.allclose(head(hidden), lora(**lm_inputs(lora, ids, mask)).logits[:, 6:-1], atol=1e-5)
 
 
-def test_logprobs_and_entropy_from_one_log_softmax():
+def test_chunked_logprobs_equal_a_naive_loop_in_value_and_gradient():
     torch.manual_seed(0)
-    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
-    lp, ent = logprobs_and_entropy(logits, tokens, temperature=0.7)
-    p = torch.softmax(logits / 0.7, -1)
+    head = torch.nn.Linear(6, 11)
+    hidden, tokens = torch.randn(2, 5, 6, requires_grad=True), torch.randint(0, 11, (2, 5))
+    lp, ent = chunked_logprobs(hidden, head, tokens, temperature=0.7, entropy=True, chunk=3)  # chunks cut rows
+    lp_naive, ent_naive = torch.zeros(2, 5), torch.zeros(2, 5)
     for b in range(2):
-        for t in range(3):
-            assert torch.isclose(lp[b, t], p[b, t, tokens[b, t]].log(), atol=1e-6)
-            assert torch.isclose(ent[b, t], -(p[b, t] * p[b, t].log()).sum(), atol=1e-6)
+        for t in range(5):
+            p = torch.softmax(head(hidden[b, t]) / 0.7, -1)
+            lp_naive[b, t], ent_naive[b, t] = p[tokens[b, t]].log(), -(p * p.log()).sum()
+    assert torch.allclose(lp, lp_naive, atol=1e-6) and torch.allclose(ent, ent_naive, atol=1e-6)
+    weights = torch.randn(2, 5)
+    grads = torch.autograd.grad(((lp + ent) * weights).sum(), [hidden, head.weight])
+    want = torch.autograd.grad(((lp_naive + ent_naive) * weights).sum(), [hidden, head.weight])
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want))
+    with torch.no_grad():  # no autograd: no checkpointing, same values
+        assert torch.allclose(chunked_logprobs(hidden, head, tokens, 0.7, chunk=4)[0], lp_naive, atol=1e-6)
 
 
 def test_sft_loss_matches_a_naive_loop():
     torch.manual_seed(0)
     logits, ids = torch.randn(3, 6, 11), torch.randint(0, 11, (3, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]])
-    loss, stats = losses.sft_loss(logits, ids, mask)
+    loss, stats = losses.sft_loss(logprobs_from_logits(logits[:, :-1], ids[:, 1:]), mask)
     terms = [-torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]] for b in range(3) for t in range(1, 6) if mask[b, t]]
     assert torch.allclose(loss, torch.stack(terms).mean()) and stats["tokens"] == len(terms)
 
@@ -136,16 +153,16 @@ def test_packed_rows_give_the_unpacked_loss(tok, family):
     m = model(family, tok)
     plain = C.collate_sft(items, tok.pad_token_id)
     full = SFTModule.forward(type("M", (), {"model": m})(), plain["input_ids"], plain["attention_mask"])
-    want, want_stats = losses.sft_loss(full, plain["input_ids"], plain["loss_mask"])
+    want, want_stats = losses.sft_loss(full, plain["loss_mask"])
     batch = C.collate_packed(packed, tok.pad_token_id)
-    logits = SFTModule.forward(
+    logprobs = SFTModule.forward(
         type("M", (), {"model": m})(),
         batch["input_ids"],
         batch["attention_mask"],
         batch["position_ids"],
         batch["attention_mask_4d"],
     )
-    got, got_stats = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    got, got_stats = losses.sft_loss(logprobs, batch["loss_mask"])
     assert got_stats["tokens"] == want_stats["tokens"] and torch.allclose(got, want, atol=1e-5)
 
 
@@ -201,6 +218,8 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
             "tiny",
             "--tasks",
             "reward,ppo",
+            "--dtypes",
+            "fp32,bf16",
             "--repeats",
             "1",
             "--quick",
@@ -216,8 +235,11 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"reward_vs_bare", "reward_bucketed_vs_bare", "ppo_vs_bare"} <= set(report["ratios"])
+    assert {"tiny_bf16_reward_vs_bare", "tiny_bf16_ppo_vs_bare"} <= set(report["ratios"])  # the bf16 rows (#19)
+    assert set(report["matmul_gflops_1_thread"]) == {"fp32", "bf16"}
+    assert report["results"]["tiny"]["bf16"]["ppo"]["ours"]["mfu"] > 0
     assert all(v > 0 for v in report["ratios"].values())
-    ours = report["results"]["tiny"]["ppo"]["ours"]
+    ours = report["results"]["tiny"]["fp32"]["ppo"]["ours"]
     assert abs(sum(ours["split"].values()) - 1) < 1e-6 and 0 < ours["mfu"] < 1 and ours["peak_rss_mib"] > 100
     assert (Path(tmp_path) / "report.json").exists()
 
@@ -243,3 +265,84 @@ def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
     assert with_fused_kernel(explicit) is explicit  # a stated choice is kept
     sgd = torch.optim.SGD(nets[0].parameters(), lr=0.1)
     assert with_fused_kernel(sgd) is sgd
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_frozen_model_held_in_bf16_computes_like_its_rounded_fp32_copy(tok, family):
+    held, rounded = model(family, tok), model(family, tok)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    fp32_bytes = sum(p.numel() * p.element_size() for p in held.parameters())
+    hold_frozen(held.requires_grad_(False), "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in held.parameters())
+    assert sum(p.numel() * p.element_size() for p in held.parameters()) == fp32_bytes // 2
+    ids, mask = left_padded(tok, length=12)
+    with torch.no_grad():
+        got, want = held(**lm_inputs(held, ids, mask)).logits, rounded(**lm_inputs(rounded, ids, mask)).logits
+    # Without bf16 units each layer ran in fp32 on its rounded weights: the fp32 copy's result exactly
+    native = native_half(torch.device("cpu"), torch.bfloat16)
+    assert torch.allclose(got.float(), want, atol=0.1 if native else 1e-5)
+    assert all(p.dtype == torch.bfloat16 for p in held.parameters())
+    with pytest.raises(ValueError, match="frozen_dtype must be one of"):
+        hold_frozen(held, "int8")
+
+
+def test_freed_tensors_return_their_memory_to_the_system():
+    """Interleaved large and small tensors, the large ones freed: with glibc's default rising mmap threshold
+    they lived in the heap, behind the small ones, and stay in the process; with the threshold fixed they go."""
+    code = (
+        "import sys, psutil, torch\n"
+        "from rlhf_lit.memory import release_freed_memory\n"
+        "applied = release_freed_memory()\n"
+        "x = torch.ones(4_000_000)\n"
+        "del x\n"  # a first large free: glibc's threshold rises to 16 MB here
+        "big, small = [], []\n"
+        "for _ in range(40):\n"
+        "    big.append(torch.ones(2_000_000)); small.append(torch.ones(1000))\n"
+        "before = psutil.Process().memory_info().rss\n"
+        "del big\n"
+        "print(applied, (before - psutil.Process().memory_info().rss) / 2**20)\n"
+    )
+    freed = {}
+    for mode in ("default", "release"):
+        env = {**os.environ, "RLHF_LIT_MALLOC": mode, "PYTHONPATH": str(REPO)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        applied, mib = out.stdout.split()
+        freed[mode] = (applied == "True", float(mib))
+    assert freed["release"][0] and not freed["default"][0]
+    assert freed["release"][1] > 250 > freed["default"][1], freed  # 40 x 8 MB = 305 MiB returned, or kept
+
+
+def test_memory_benchmark_reports_each_run_and_stops_one_over_the_limit(tmp_path):
+    """benchmarks/memory.py on the tiny shape: a peak per (task, contender), and the watchdog's verdict."""
+
+    def run(*args):
+        cmd = [sys.executable, "benchmarks/memory.py", "--shapes", "tiny", "--json", "--out", str(tmp_path), *args]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout[out.stdout.index("{") :])["rows"]
+
+    rows = run("--tasks", "sft,ppo", "--contenders", "ours,ours_ckpt,ours_fp32_frozen")
+    got = {(r["task"], r["contender"]): r for r in rows}
+    assert set(got) == {
+        ("sft", "ours"),
+        ("sft", "ours_ckpt"),
+        ("ppo", "ours"),
+        ("ppo", "ours_ckpt"),
+        ("ppo", "ours_fp32_frozen"),
+    }
+    assert all(not r["over_limit"] and 0.2 < r["peak_rss_gib"] < 4 for r in rows)
+    stopped = run("--tasks", "sft", "--contenders", "ours", "--limit-gib", "0.1")
+    assert stopped[0]["over_limit"] and stopped[0]["peak_rss_gib"] > 0.1
+
+
+def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):
+    """`make bench-gpu`'s script (OPT-1.3B + OPT-350M, bf16, ZeRO-2 on a GPU) through the same code path on
+    CPU with the tiny shape: DeepSpeed's bf16 engine, PPO steps, its JSON line."""
+    cmd = [sys.executable, "benchmarks/gpu_ppo.py", "--dry-run", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["precision"] == "bf16-mixed" and result["zero_stage"] == 2 and result["measured_steps"] == 2
+    assert result["prompts_per_s"] > 0 and result["tokens_per_s"] > 0 and abs(sum(result["split"].values()) - 1) < 0.01

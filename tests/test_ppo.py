@@ -79,6 +79,9 @@ def test_ppo_wiring_frozen_parts_ema_and_exports(tokenizer_dir, reward_export, t
     assert changed(actor0, module.ac.policy) and changed(critic0, module.ac.critic)
     assert unchanged(ref0, module.ref) and unchanged(reward0, module.reward)
     assert not any(p.requires_grad for p in [*module.ref.parameters(), *module.reward.parameters()])
+    # #18: frozen models held in bf16, trained ones and the EMA in fp32
+    assert {p.dtype for p in [*module.ref.parameters(), *module.reward.parameters()]} == {torch.bfloat16}
+    assert {p.dtype for p in [*module.ac.parameters(), *module.ema.parameters()]} == {torch.float32}
     opt_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in module.ac.parameters()}  # one optimizer, actor + critic only
     assert {g["initial_lr"] for g in t.optimizers[0].param_groups} == {3e-3, 1e-3}  # actor and critic lr
@@ -163,19 +166,28 @@ def test_lora_actor_uses_adapters_off_as_reference(family, tokenizer_dir, tmp_pa
         reward=CallableReward("rule_rewards:apple_share"),
         critic=spec(1),
         lora=LoRA(r=4, alpha=8),
+        critic_lora=LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),  # OPT critic (#18)
         generation=GenerationConfig(max_new_tokens=6),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     build(module, dm)
     assert module.ref is None
-    base = {k: v.clone() for k, v in module.ac.policy.named_parameters() if "lora" not in k}
+    base = {k: v.clone() for k, v in module.ac.named_parameters() if "lora" not in k and "value_head" not in k}
+    trainable = {k for k, v in module.ac.named_parameters() if v.requires_grad}
+    assert trainable == {k for k in dict(module.ac.named_parameters()) if "lora" in k or "value_head" in k}
+    head0 = module.ac.critic.value_head.weight.detach().clone()
     t = trainer(tmp_path, max_steps=2, callbacks=[HFExport(str(tmp_path / "out"))])
     t.fit(module, datamodule=dm)
-    assert all(torch.equal(v, dict(module.ac.policy.named_parameters())[k]) for k, v in base.items())
+    assert all(torch.equal(v, dict(module.ac.named_parameters())[k]) for k, v in base.items())
+    assert not torch.equal(head0, module.ac.critic.value_head.weight)
     assert "objective/kl" in t.callback_metrics
     from transformers import AutoModelForCausalLM
 
+    from rlhf_lit.models import load_scalar_model
+
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "actor")  # merged export loads as a plain model
+    critic = load_scalar_model(str(tmp_path / "out" / "critic"))  # so does the critic, adapters merged
+    assert not any("lora" in k for k, _ in critic.named_parameters())
 
 
 def test_mean_reward_rises_with_a_rule_based_reward(tokenizer_dir, tmp_path):

@@ -43,7 +43,7 @@ def test_sft_fit_changes_weights_logs_and_exports_identical_model(tokenizer_dir,
     batch = next(iter(dm.val_dataloader()))
     module.model.eval()
     with torch.no_grad():
-        ours = module(batch["input_ids"], batch["attention_mask"])
+        ours = module.model(**lm_inputs(module.model, batch["input_ids"], batch["attention_mask"])).logits
         theirs = loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits
     torch.testing.assert_close(ours, theirs)
     card = (tmp_path / "export" / "README.md").read_text()
@@ -213,7 +213,7 @@ def test_sft_lora_with_gradient_checkpointing_merges_on_export(tokenizer_dir, tm
     with torch.no_grad():
         torch.testing.assert_close(
             loaded(**lm_inputs(loaded, batch["input_ids"], batch["attention_mask"])).logits,
-            module(batch["input_ids"], batch["attention_mask"]),
+            module.model(**lm_inputs(module.model, batch["input_ids"], batch["attention_mask"])).logits,
             atol=1e-4,
             rtol=1e-4,
         )
