@@ -109,8 +109,12 @@ def main() -> None:
     p.add_argument("--shapes", default="smollm2,opt-350m")
     p.add_argument("--tasks", default="sft,reward,ppo")
     p.add_argument("--contenders", default="ours,ours_ckpt,ours_fp32_frozen,trl,trl_ckpt")
-    p.add_argument("--largest", default="", help="PPO actor shapes to try with an opt-350m critic and reward")
-    p.add_argument("--lora", type=int, default=8, help="--largest: also try LoRA of this rank (0: not)")
+    p.add_argument("--largest", default="", help="PPO actor shapes to try with a --critic-shape critic and reward")
+    p.add_argument("--critic-shape", default="opt-350m")
+    p.add_argument("--lora", type=int, default=8, help="--largest: LoRA rank of actor and critic (0: no LoRA row)")
+    p.add_argument(
+        "--no-full", action="store_true", help="--largest: LoRA rows only (full fine-tuning known not to fit)"
+    )
     p.add_argument("--limit-gib", type=float, default=22.0)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--json", action="store_true")
@@ -130,16 +134,18 @@ def main() -> None:
         print(f"{row['shape']} {row['task']} {row['contender']}: {state} ({row['wall_s']} s)", file=sys.stderr)
 
     if a.largest:
-        critic = out_dir / "workload-opt-350m"
-        build("opt-350m", critic)
+        critic = out_dir / f"workload-{a.critic_shape}"
+        build(a.critic_shape, critic)
         for shape in a.largest.split(","):
             w = out_dir / f"workload-{shape}"
-            build(shape, w)
+            build(shape, w, policy_only=True)
             base = [sys.executable, str(HERE / "run_ours.py"), "ppo", "--critic", str(critic / "reward")]
             base += ["--reward", str(critic / "reward")]
-            variants = [("ours", base)] + ([(f"ours_lora{a.lora}", base + ["--lora", str(a.lora)])] if a.lora else [])
+            variants = [] if a.no_full else [("ours", base)]
+            variants += [(f"ours_lora{a.lora}", base + ["--lora", str(a.lora)])] if a.lora else []
             for name, cmd in variants:
-                record({"shape": shape, "task": "ppo+350m critic", "contender": name, **measure(cmd, w, a.limit_gib)})
+                task = f"ppo, {a.critic_shape} critic"
+                record({"shape": shape, "task": task, "contender": name, **measure(cmd, w, a.limit_gib)})
     else:
         for shape in a.shapes.split(","):
             w = out_dir / f"workload-{shape}"

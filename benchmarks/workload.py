@@ -118,10 +118,12 @@ def dialogue_rows(seed: int, n: int) -> list[dict]:
 VERSION = 3  # bump when what build() writes changes: an older workload folder is rebuilt
 
 
-def build(size: str, out: Path, seed: int = 0) -> dict:
+def build(size: str, out: Path, seed: int = 0, policy_only: bool = False) -> dict:
+    """The workload folder of a size (kept when it exists in this version). ``policy_only``: no reward
+    exports (an actor for memory.py --largest, whose critic comes from another shape: saves two copies)."""
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
-        if meta.get("version") == VERSION and meta.get("seed") == seed:
+        if meta.get("version") == VERSION and meta.get("seed") == seed and (policy_only or (out / "reward").exists()):
             return meta
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,21 +156,25 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
     cfg = policy.config
     policy.save_pretrained(out / "policy")
     tok.save_pretrained(out / "policy")
-    # The reward model / critic: the policy's backbone plus a value head, in both formats.
-    rm = ScalarModel(AutoModel.from_pretrained(out / "policy"))
-    torch.nn.init.normal_(rm.value_head.weight, std=1.0 / (cfg.hidden_size + 1) ** 0.5)
-    rm.save_pretrained(out / "reward")
-    tok.save_pretrained(out / "reward")
-    seq = AutoModelForSequenceClassification.from_pretrained(out / "policy", num_labels=1)
-    seq.score.weight.data.copy_(rm.value_head.weight.data)
-    seq.config.pad_token_id = tok.pad_token_id
-    seq.save_pretrained(out / "reward_hf")
-    tok.save_pretrained(out / "reward_hf")
-
     embed = policy.get_input_embeddings().weight.numel()
     if cfg.model_type == "opt":
         embed += policy.model.decoder.embed_positions.weight.numel()
-    total = sum(p.numel() for p in policy.parameters())
+    total, vocab = sum(p.numel() for p in policy.parameters()), policy.get_input_embeddings().num_embeddings
+    del policy  # one model in memory at a time: the real shapes reach 10 GB each
+    if not policy_only:  # the reward model / critic: the policy's backbone plus a value head, in both formats
+        rm = ScalarModel(AutoModel.from_pretrained(out / "policy"))
+        torch.nn.init.normal_(rm.value_head.weight, std=1.0 / (cfg.hidden_size + 1) ** 0.5)
+        rm.save_pretrained(out / "reward")
+        tok.save_pretrained(out / "reward")
+        head = rm.value_head.weight.data.clone()
+        del rm
+        seq = AutoModelForSequenceClassification.from_pretrained(out / "policy", num_labels=1)
+        seq.score.weight.data.copy_(head)
+        seq.config.pad_token_id = tok.pad_token_id
+        seq.save_pretrained(out / "reward_hf")
+        tok.save_pretrained(out / "reward_hf")
+        del seq
+
     prompt_tokens = [n_tok(records[i]["prompt"]) for i in keep]
     meta = {
         "version": VERSION,
@@ -177,7 +183,7 @@ def build(size: str, out: Path, seed: int = 0) -> dict:
         "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
-        "vocab": policy.get_input_embeddings().num_embeddings,
+        "vocab": vocab,
         "real_weights": size == "smollm2" and (SMOLLM2_DIR / "model.safetensors").exists(),
         "params": total,
         "non_embedding_params": total - embed,

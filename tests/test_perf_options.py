@@ -334,7 +334,9 @@ def test_memory_benchmark_reports_each_run_and_stops_one_over_the_limit(tmp_path
     }
     assert all(not r["over_limit"] and 0.2 < r["peak_rss_gib"] < 4 for r in rows)
     stopped = run("--tasks", "sft", "--contenders", "ours", "--limit-gib", "0.1")
-    assert stopped[0]["over_limit"] and stopped[0]["peak_rss_gib"] > 0.1
+    assert stopped[0]["over_limit"] and stopped[0]["peak_rss_gib"] >= 0.1
+    largest = run("--largest", "tiny", "--critic-shape", "tiny", "--lora", "4")  # the search's code path
+    assert [r["contender"] for r in largest] == ["ours", "ours_lora4"] and not any(r["over_limit"] for r in largest)
 
 
 def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):

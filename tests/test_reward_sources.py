@@ -119,6 +119,8 @@ def test_classifier_reward_with_its_own_tokenizer_and_template_drives_ppo(classi
     ids, mask = pad_sequences([x[-40:] for x in ids], own.pad_token_id)
     hf = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
     with torch.no_grad():
+        for p in hf.parameters():  # PPO holds its reward model in bf16 (frozen_dtype): the same rounded weights
+            p.copy_(p.bfloat16().float())
         expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
         got = reward(prompts, responses, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
