@@ -80,7 +80,7 @@ bench-memory: bench-setup smollm2
 # The largest OPT actor (350M critic and reward) for which two PPO steps fit in this machine's memory.
 bench-largest: install smollm2
 	$(PY) benchmarks/memory.py --largest opt-1.3b --lora 8
-	$(PY) benchmarks/memory.py --largest opt-2.7b --lora 8 --no-full
+	$(PY) benchmarks/memory.py --largest opt-2.7b --lora 8 --no-full --grad-ckpt
 
 # DeepSpeed-Chat's headline shape (OPT-1.3B actor + OPT-350M critic, bf16, ZeRO-2) on a CUDA GPU.
 bench-gpu: install smollm2

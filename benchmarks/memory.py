@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument(
         "--no-full", action="store_true", help="--largest: LoRA rows only (full fine-tuning known not to fit)"
     )
+    p.add_argument("--grad-ckpt", action="store_true", help="--largest: gradient checkpointing in every row")
     p.add_argument("--limit-gib", type=float, default=22.0)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--json", action="store_true")
@@ -140,9 +141,10 @@ def main() -> None:
             w = out_dir / f"workload-{shape}"
             build(shape, w, policy_only=True)
             base = [sys.executable, str(HERE / "run_ours.py"), "ppo", "--critic", str(critic / "reward")]
-            base += ["--reward", str(critic / "reward")]
-            variants = [] if a.no_full else [("ours", base)]
-            variants += [(f"ours_lora{a.lora}", base + ["--lora", str(a.lora)])] if a.lora else []
+            base += ["--reward", str(critic / "reward")] + (["--grad-ckpt"] if a.grad_ckpt else [])
+            ckpt = "_ckpt" if a.grad_ckpt else ""
+            variants = [] if a.no_full else [(f"ours{ckpt}", base)]
+            variants += [(f"ours_lora{a.lora}{ckpt}", base + ["--lora", str(a.lora)])] if a.lora else []
             for name, cmd in variants:
                 task = f"ppo, {a.critic_shape} critic"
                 record({"shape": shape, "task": task, "contender": name, **measure(cmd, w, a.limit_gib)})

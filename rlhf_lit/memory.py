@@ -18,7 +18,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 _applied: list[int] = []
 
 
-def release_freed_memory(threshold: int = 128 * 1024) -> bool:
+def release_freed_memory(threshold: int = 1024 * 1024) -> bool:
     """Serve allocations of ``threshold`` bytes or more with mmap for the rest of the process, so a
     freed tensor's memory returns to the system. Once per process; False where the C library is not
     glibc, or where ``RLHF_LIT_MALLOC=default`` leaves malloc alone (e.g. with jemalloc preloaded)."""

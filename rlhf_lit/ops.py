@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Positions per LM-head chunk in chunked_logprobs: 256 x 49,152 (SmolLM2's vocabulary) fp32 logits are
-# 50 MB, against 800 MB for the whole (8, 512, V) tensor of a training batch, its log-softmax and gradient.
-LOGIT_CHUNK = 256
+# fp32 logits per LM-head chunk in chunked_logprobs: 64 MiB is 341 positions of SmolLM2's 49,152-token
+# vocabulary, against 800 MiB for the (8, 512, V) logits of a training batch. Below it one plain pass: the
+# chunks' recomputation made tiny-model SFT (a 4,096-token head, most of its FLOPs) 1.45x slower.
+LOGIT_BUDGET = 64 * 2**20
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -93,11 +94,12 @@ def chunked_logprobs(
     targets: Tensor,
     temperature: float = 1.0,
     entropy: bool = False,
-    chunk: int = LOGIT_CHUNK,
+    chunk: Optional[int] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs of ``targets`` (and the entropies) without a (B, T, V) tensor: the LM head and the
-    log-softmax run on ``chunk`` positions at a time. hidden: (B, T, H) states the head reads (or logits
-    with ``head`` the identity), targets: (B, T) -> logp, entropy: (B, T) (entropy None unless asked).
+    log-softmax run on ``chunk`` positions at a time (default: as many as ``LOGIT_BUDGET`` of fp32 logits
+    holds). hidden: (B, T, H) states the head reads (or logits with ``head`` the identity), targets:
+    (B, T) -> logp, entropy: (B, T) (entropy None unless asked).
 
     Under autograd each chunk is checkpointed: its fp32 logits are recomputed in backward instead of being
     kept (the idea of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, without a custom
@@ -106,6 +108,12 @@ def chunked_logprobs(
     """
     b, t = targets.shape
     flat_h, flat_t = hidden.reshape(b * t, -1), targets.reshape(-1)
+    if chunk is None:
+        vocab = getattr(head, "out_features", None) or hidden.size(-1)
+        chunk = max(1, LOGIT_BUDGET // (4 * vocab))
+    if b * t <= chunk:  # small enough for one plain pass
+        out = _chunk_logprobs(flat_h, flat_t, head, temperature, entropy).view(-1, b, t)
+        return out[0], (out[1] if entropy else None)
     track = torch.is_grad_enabled() and (
         flat_h.requires_grad or any(p.requires_grad for p in getattr(head, "parameters", list)())
     )

@@ -101,10 +101,16 @@ def test_chunked_logprobs_equal_a_naive_loop_in_value_and_gradient():
     assert torch.allclose(lp, lp_naive, atol=1e-6) and torch.allclose(ent, ent_naive, atol=1e-6)
     weights = torch.randn(2, 5)
     grads = torch.autograd.grad(((lp + ent) * weights).sum(), [hidden, head.weight])
-    want = torch.autograd.grad(((lp_naive + ent_naive) * weights).sum(), [hidden, head.weight])
+    want = torch.autograd.grad(((lp_naive + ent_naive) * weights).sum(), [hidden, head.weight], retain_graph=True)
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want))
     with torch.no_grad():  # no autograd: no checkpointing, same values
         assert torch.allclose(chunked_logprobs(hidden, head, tokens, 0.7, chunk=4)[0], lp_naive, atol=1e-6)
+    whole, _ = chunked_logprobs(hidden, head, tokens, 0.7)  # under LOGIT_BUDGET: one plain pass, same values
+    grads = torch.autograd.grad((whole * weights).sum(), [hidden, head.weight])
+    want = torch.autograd.grad((lp_naive * weights).sum(), [hidden, head.weight])
+    assert torch.allclose(whole, lp_naive, atol=1e-6) and all(
+        torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want)
+    )
 
 
 def test_sft_loss_matches_a_naive_loop():
