@@ -63,8 +63,9 @@ test-fast: install smollm2
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under
-# .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. About 35 minutes with the defaults
-# (both sizes, 3 repeats); BENCH_ARGS="--sizes tiny" about 9.
+# .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. Defaults: sizes tiny and smollm2 (the
+# real model: minutes per PPO step on one CPU thread; the full default run was not timed here), dtypes
+# fp32 (+ bf16 where the CPU has bf16 units). BENCH_ARGS="--sizes tiny" took 14 minutes with 2 repeats.
 BENCH_ARGS ?=
 bench-setup: install
 	bash benchmarks/setup_peers.sh
