@@ -398,6 +398,13 @@ def gathered(params, modifier_rank: Optional[int] = None):
 FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 
 
+def check_frozen_dtype(dtype: str) -> str:
+    """``dtype`` if it is a storage dtype for frozen models, else a one-line error naming the key."""
+    if dtype not in FROZEN_DTYPES:
+        raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def native_half(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``device`` multiplies ``dtype`` matrices at full speed: CUDA (bf16 where supported), or a
     CPU with avx512_bf16 / AMX for bf16. On this project's AVX2-only EPYC, one thread, 1024^2: a bf16
@@ -436,8 +443,7 @@ def hold_frozen(module: nn.Module, dtype: str) -> nn.Module:
     result equals an fp32 model with the rounded weights (tested). Buffers (rotary tables) keep their dtype.
     Not for trainable modules (their fp32 weights are the optimizer's) nor under DeepSpeed, whose own
     precision setting casts every module it holds."""
-    if dtype not in FROZEN_DTYPES:
-        raise ValueError(f"frozen_dtype must be one of {FROZEN_DTYPES}, got {dtype!r}")
+    check_frozen_dtype(dtype)
     if dtype == "float32" or getattr(module, "_held_dtype", None) == dtype:
         return module
     target = DTYPES[dtype]

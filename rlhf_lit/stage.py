@@ -16,7 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit.memory import release_freed_memory
-from rlhf_lit.models import FROZEN_DTYPES, hold_frozen
+from rlhf_lit.models import check_frozen_dtype, hold_frozen
 from rlhf_lit.optim import LRSchedule, param_groups, with_fused_kernel
 
 
@@ -53,9 +53,7 @@ class StageModule(L.LightningModule):
         super().__init__()
         self.optimizer_factory, self.schedule, self.weight_decay = optimizer, schedule or LRSchedule(), weight_decay
         self.tokenizer = None
-        if frozen_dtype not in FROZEN_DTYPES:
-            raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {frozen_dtype!r}")
-        self.frozen_dtype = frozen_dtype
+        self.frozen_dtype = check_frozen_dtype(frozen_dtype)
         self._rng_to_restore: Optional[dict] = None
 
     @property
