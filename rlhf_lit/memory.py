@@ -9,6 +9,11 @@ threshold fixed at 128 KiB, 2.64 GiB at 1 MiB (issue #18). 1 MiB is the default:
 costs page faults when it is touched (tiny-model SFT spent 6.0 s of system time over 83 steps at 1 MiB
 against 2.9 s for the bare loop; SmolLM2 SFT ran at 33 tokens/s against 35 with glibc's default), and a
 higher threshold leaves the many small tensors of a tiny model in the heap. Fixing it turns off the rise.
+
+Below ``AUTO_MIN_PARAMS`` parameters the stages leave malloc alone (``RLHF_LIT_MALLOC=auto``, the default):
+there the models' memory is tens of MiB, nothing to win, while the faults cost a tiny-model PPO step 6-16%
+(ours 10.2 vs 10.8-11.8 prompts/s, runs side by side, issue #19) and made it the largest part of PPO's gap
+to the bare loop. ``release`` applies the threshold at every size, ``default`` at none.
 """
 
 from __future__ import annotations
@@ -16,16 +21,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Optional
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+AUTO_MIN_PARAMS = 20_000_000
+MODES = ("auto", "release", "default")
 _applied: list[int] = []
 
 
-def release_freed_memory(threshold: int = 1024 * 1024) -> bool:
+def release_freed_memory(threshold: int = 1024 * 1024, params: Optional[int] = None) -> bool:
     """Serve allocations of ``threshold`` bytes or more with mmap for the rest of the process, so a
     freed tensor's memory returns to the system. Once per process; False where the C library is not
-    glibc, or where ``RLHF_LIT_MALLOC=default`` leaves malloc alone (e.g. with jemalloc preloaded)."""
-    if _applied or os.environ.get("RLHF_LIT_MALLOC") == "default":
+    glibc, where ``RLHF_LIT_MALLOC=default`` leaves malloc alone (e.g. with jemalloc preloaded), or, in
+    ``auto`` mode, where the process's models hold fewer than ``AUTO_MIN_PARAMS`` ``params``."""
+    mode = os.environ.get("RLHF_LIT_MALLOC") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"RLHF_LIT_MALLOC must be one of {MODES}, got {mode!r}")
+    if _applied or mode == "default" or (mode == "auto" and (params or 0) < AUTO_MIN_PARAMS):
         return bool(_applied)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
