@@ -79,10 +79,14 @@ ENV = {
 }
 
 
-def contenders(task: str) -> list[tuple[str, list[str]]]:
+def contenders(task: str, size: str = "tiny") -> list[tuple[str, list[str]]]:
     """(name, command) of every contender of a task; the first is ours with defaults."""
     py = sys.executable
     out = [("ours", [py, str(HERE / "run_ours.py"), task])]
+    if task == "ppo" and size == "tiny":
+        # the compiled decode step pays at the tiny size only: at SmolLM2's its generation ran 8% slower on
+        # this CPU after a 95 s compile (benchmarks/README.md)
+        out.append(("ours_compiled", [py, str(HERE / "run_ours.py"), task, "--engine", "compiled"]))
     if task in ("sft", "reward"):
         out.append(("ours_bucketed", [py, str(HERE / "run_ours.py"), task, "--bucket"]))
     if task == "sft":
@@ -173,6 +177,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="auto", help="fp32, bf16 (mixed precision) or auto: bf16 where native")
     p.add_argument("--tasks", default="sft,reward,ppo")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--contenders", default="", help="only these contenders, comma-separated (default: all)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up step everywhere (a smoke test)")
@@ -198,7 +203,10 @@ def main() -> None:
         for dtype in dtypes:
             for task in tasks:
                 steps, warmup = (3, 1) if a.quick else STEPS[size][task]
-                names = [(n, cmd + ["--dtype", dtype]) for n, cmd in contenders(task)]
+                keep = set(a.contenders.split(",")) if a.contenders else None
+                names = [
+                    (n, cmd + ["--dtype", dtype]) for n, cmd in contenders(task, size) if keep is None or n in keep
+                ]
                 for r in range(a.repeats):
                     order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
                     got = {}

@@ -61,6 +61,9 @@ def main() -> None:
         critic=str(critic_w / "reward"),
         reward=str(critic_w / "reward"),
         frozen_dtype="bfloat16",
+        batch_size=0,
+        minibatches=0,
+        engine="kv_loop",
     )
     module, data = build_stage("ppo", actor_w, {}, knobs)
     log = StepLog()

@@ -71,7 +71,8 @@ def build(task: str, w: Path, options: dict, a=None):
         [SourceSpec("hh_rlhf", path=str(w / "hh.jsonl"))], seed=H["seed"], split=SPLITS[task], eval_fraction=0.0
     )
     tok = HFTokenizer(str(w / "tokenizer"))
-    common = dict(blend=blend, tokenizer=tok, batch_size=H["batch_size"], max_seq_len=H["max_seq_len"], seed=H["seed"])
+    batch_size = (a and a.batch_size) or H["batch_size"]
+    common = dict(blend=blend, tokenizer=tok, batch_size=batch_size, max_seq_len=H["max_seq_len"], seed=H["seed"])
     opt = functools.partial(torch.optim.AdamW, lr=H["lr"])
     constant = LRSchedule(decay="constant")
     ckpt = bool(a and a.grad_ckpt)
@@ -96,10 +97,17 @@ def build(task: str, w: Path, options: dict, a=None):
         schedule=constant,
         kl=FixedKL(H["kl_coef"]),
         advantage=GAE(gamma=1.0, lam=0.95),
-        generation=GenerationConfig(max_new_tokens=H["response_length"], temperature=H["temperature"]),
+        generation=GenerationConfig(
+            max_new_tokens=H["response_length"],
+            temperature=H["temperature"],
+            engine=(a and a.engine) or "kv_loop",
+        ),
         # TRL's PPO keeps no EMA of the actor: off here so both do the same work.
         algo=PPOConfig(
-            ppo_epochs=H["ppo_epochs"], num_minibatches=H["num_minibatches"], critic_lr=H["lr"], ema_beta=None
+            ppo_epochs=H["ppo_epochs"],
+            num_minibatches=(a and a.minibatches) or H["num_minibatches"],
+            critic_lr=H["lr"],
+            ema_beta=None,
         ),
         samples_every=0,
     )
@@ -116,13 +124,20 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on the attention of the actor (and critic) (0: off)")
     p.add_argument("--critic", default=None, help="PPO: critic folder (default: the workload's reward/)")
     p.add_argument("--reward", default=None, help="PPO: reward model folder (default: the workload's reward/)")
+    # the speed work's generation-batch measurement (issue #19): a rollout of --batch-size prompts trained in
+    # --minibatches minibatches
+    p.add_argument("--batch-size", type=int, default=0, help="prompts (rows) per batch (0: the workload's 8)")
+    p.add_argument("--minibatches", type=int, default=0, help="PPO: minibatches per rollout (0: the workload's 1)")
+    p.add_argument("--engine", default="kv_loop", help="PPO: generation engine (kv_loop, compiled, hf)")
     a = p.parse_args()
     L.seed_everything(H["seed"], verbose=False)
     options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}
     module, data = build(a.task, Path(a.workload), options, a)
     log = StepLog()
     precision = "bf16-mixed" if a.dtype == "bf16" else "32-true"
-    trainer = timed_trainer(log, a.task, a.steps + a.warmup, accelerator="cpu", precision=precision)
+    # PPO's optimizer steps per batch: one per minibatch (Lightning's max_steps counts optimizer steps)
+    per_batch = a.minibatches if a.task == "ppo" and a.minibatches else 1
+    trainer = timed_trainer(log, a.task, (a.steps + a.warmup) * per_batch, accelerator="cpu", precision=precision)
     trainer.fit(module, datamodule=data)
     emit("ours", a.task, log, a.warmup, unit=UNITS[a.task], options=sorted(options))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,7 +13,10 @@ from rlhf_lit.chat_format import ChatFormat, Prompt
 from rlhf_lit.models import accepts_arg, cache_arg, returned_cache
 from rlhf_lit.ops import pad_sequences, position_ids_from_mask
 
-ENGINES = ("kv_loop", "hf")
+ENGINES = ("kv_loop", "compiled", "hf")
+STATIC_CACHE_ROUND = 64
+"""static KV caches are sized prompt + max_new_tokens rounded up to this, so batches with different prompt
+lengths share one compiled decode step"""
 
 
 @dataclass
@@ -31,7 +35,9 @@ class GenerationConfig:
     """an extra token text that ends a response, besides eos"""
     engine: str = "kv_loop"
     """'kv_loop': rlhf-lit's KV-cache sampling loop (1.5-2x faster than Hugging Face ``generate`` on small
-    models, see benchmarks/); 'hf': ``model.generate`` (needed for ``synced_gpus``)"""
+    models, see benchmarks/); 'compiled': the same loop on a static KV cache with the decode step compiled
+    by ``torch.compile`` (once per model and batch size: tens of seconds on a CPU, then faster steps: see
+    benchmarks/README.md; worth it for long runs); 'hf': ``model.generate`` (needed for ``synced_gpus``)"""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -71,9 +77,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        if cfg.engine == "kv_loop" and not synced_gpus:
+        if cfg.engine in ("kv_loop", "compiled") and not synced_gpus:
+            compiled = cfg.engine == "compiled"
             # clone(): out of inference mode, so the tokens can feed a training forward (PPO)
-            responses = kv_loop(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id).clone()
+            responses = kv_loop(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, compiled).clone()
         else:
             responses = hf_generate(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, synced_gpus)
     finally:
@@ -101,38 +108,76 @@ def hf_generate(model, prompt_ids, prompt_mask, cfg: GenerationConfig, stops, pa
 
 @torch.inference_mode()
 def kv_loop(
-    model, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, stops: list[int], pad_id: int
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cfg: GenerationConfig,
+    stops: list[int],
+    pad_id: int,
+    compiled: bool = False,
 ) -> Tensor:
     """Sample with the KV cache, one forward per new token, until every row has stopped.
 
     What it saves over ``generate`` on small models (measured in benchmarks/): logits of the last
     position only during prefill, one uniform number per row per token instead of ``multinomial``'s
-    (inverse-CDF sampling), and no logits-processor / stopping-criteria machinery.
+    (inverse-CDF sampling), and no logits-processor / stopping-criteria machinery. ``compiled``: a static
+    cache and a compiled decode step (:func:`static_decoding`); the prefill stays eager.
     (B, P) left-padded prompts -> (B, R) new tokens, pad after each row's stop token.
     """
-    b, mask = prompt_ids.size(0), prompt_mask
+    (b, p), mask = prompt_ids.shape, prompt_mask
     positions = position_ids_from_mask(mask) if accepts_arg(model, "position_ids") else None
     keep = {"logits_to_keep": 1} if accepts_arg(model, "logits_to_keep") else {}
+    past, decode = None, model
+    if compiled:
+        past, mask, decode = static_decoding(model, prompt_mask, cfg.max_new_tokens)
+    # transformers < 5.24 takes the slots a static cache writes; later ones count them in the cache itself
+    slots = compiled and accepts_arg(model, "cache_position")
     step = {"input_ids": prompt_ids, "attention_mask": mask}
+    if slots:
+        step["cache_position"] = torch.arange(p, device=prompt_ids.device)
     if positions is not None:
         step["position_ids"] = positions
     stop = torch.tensor(stops, device=prompt_ids.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
-    out, past, tokens = None, None, []
-    for _ in range(cfg.max_new_tokens):
-        out = model(**step, **cache_arg(model, past), use_cache=True, **keep)
+    out, tokens = None, []
+    for i in range(cfg.max_new_tokens):
+        out = (decode if i else model)(**step, **cache_arg(model, past), use_cache=True, **keep)
         past = returned_cache(out)
         nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
         tokens.append(nxt)
         done = done | torch.isin(nxt, stop)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+        if not compiled:  # a static cache's mask already spans every position
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
         step = {"input_ids": nxt.unsqueeze(1), "attention_mask": mask}
+        if slots:
+            step["cache_position"] = torch.tensor([p + i], device=prompt_ids.device)
         if positions is not None:
             positions = positions[:, -1:] + 1
             step["position_ids"] = positions
     return torch.stack(tokens, 1)
+
+
+_COMPILED: dict = {}  # model class -> its compiled forward (a class, not the model: no reference kept to it)
+
+
+def static_decoding(model, prompt_mask: Tensor, max_new_tokens: int):
+    """A static KV cache for (B, P) prompts plus ``max_new_tokens``, its length rounded up to
+    ``STATIC_CACHE_ROUND``; the (B, L) attention mask over all of it (ones after the prompt: causality
+    hides the slots not yet written); and the model's forward compiled for fixed shapes (once per model
+    class; it recompiles only for a new batch size or rounded length). A static cache is what lets
+    ``torch.compile`` see one shape per decode step (Hugging Face's recipe for compiled generation)."""
+    from transformers import StaticCache
+
+    b, p = prompt_mask.shape
+    length = -(-(p + max_new_tokens) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, length - p)], 1)
+    cls = type(model)
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=False)
+    return cache, mask, functools.partial(_COMPILED[cls], model)
 
 
 def pick_tokens(logits: Tensor, cfg: GenerationConfig) -> Tensor:
