@@ -30,6 +30,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage")
+    p.add_argument(
+        "--engine",
+        default="kv_loop",
+        help="generation engine: kv_loop, or compiled (static cache + compiled decode; on a GPU the per-token "
+        "launch overhead it removes is most of a small batch's decode time, untested on one here)",
+    )
     p.add_argument("--out", default="runs/bench")
     p.add_argument(
         "--dry-run", action="store_true", help="CPU, the tiny shape, 2 + 1 steps of 4 prompts x 8 new tokens"
@@ -63,7 +69,7 @@ def main() -> None:
         frozen_dtype="bfloat16",
         batch_size=0,
         minibatches=0,
-        engine="kv_loop",
+        engine=a.engine,
     )
     module, data = build_stage("ppo", actor_w, {}, knobs)
     log = StepLog()
@@ -90,6 +96,7 @@ def main() -> None:
         "actor": a.actor,
         "critic": a.critic,
         "zero_stage": a.zero,
+        "engine": a.engine,
         "precision": "bf16-mixed",
         "measured_steps": len(steps),
         "prompts_per_s": round(len(steps) * HPARAMS["batch_size"] / wall, 3),

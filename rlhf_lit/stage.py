@@ -178,9 +178,11 @@ class StageModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
-        # freed tensors go back to the system: ~30% lower peak RSS on CPU at real sizes (#18); after
-        # configure_model, so the models' size is known (ZeRO-3 keeps a partitioned parameter's size in ds_numel)
-        release_freed_memory(params=sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters()))
+        # freed tensors go back to the system, for runs that trade speed for memory (gradient checkpointing):
+        # ~30% lower peak RSS there (#18), at a price in page faults not worth paying otherwise (#19). After
+        # configure_model, which builds the models.
+        checkpointing = any(getattr(m, "is_gradient_checkpointing", False) for m in self.modules())
+        release_freed_memory(checkpointing=checkpointing)
         states, self._rng_to_restore = self._rng_to_restore, None
         if states:
             torch.set_rng_state(states["torch"])
