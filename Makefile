@@ -64,8 +64,9 @@ test-fast: install smollm2
 
 # The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under
 # .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. Defaults: sizes tiny and smollm2 (the
-# real model: minutes per PPO step on one CPU thread; the full default run was not timed here), dtypes
-# fp32 (+ bf16 where the CPU has bf16 units). BENCH_ARGS="--sizes tiny" took 14 minutes with 2 repeats.
+# real model: 20-40 s per SFT/reward step, 4 min per PPO run), dtypes fp32 (+ bf16 where the CPU has bf16
+# units). Measured 2026-11-30: --sizes tiny --repeats 2, 10 minutes; --sizes smollm2 --repeats 2 with
+# --contenders ours,bare,trl, 47 minutes; the default (3 repeats, every contender) was not timed.
 BENCH_ARGS ?=
 bench-setup: install
 	bash benchmarks/setup_peers.sh

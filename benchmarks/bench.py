@@ -167,7 +167,7 @@ def median_of(runs: list[dict]) -> dict:
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     if "split" in runs[0]:
         out["split"] = {k: statistics.median(r["split"][k] for r in runs) for k in runs[0]["split"]}
-    out["runs"] = [round(r["units_per_s"], 1) for r in runs]
+    out["runs"] = [float(f"{r['units_per_s']:.3g}") for r in runs]  # 3 significant digits: SmolLM2 PPO is ~0.1/s
     return out
 
 
@@ -181,7 +181,11 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up step everywhere (a smoke test)")
+    p.add_argument("--report", default="", help="print the table of a saved report.json instead of running")
     a = p.parse_args()
+    if a.report:
+        print(table(json.loads(Path(a.report).read_text())))
+        return
     from workload import build
 
     sizes, tasks, dtypes = a.sizes.split(","), a.tasks.split(","), resolve_dtypes(a.dtypes)
@@ -253,6 +257,11 @@ def main() -> None:
 UNITS = {"sft": "tokens/s", "reward": "pairs/s", "ppo": "prompts/s"}
 
 
+def number(x: float) -> str:
+    """One decimal from 100 up (5,256.6), three significant digits below (0.129, 12.6)."""
+    return f"{x:,.1f}" if x >= 100 else f"{x:.3g}"
+
+
 def table(report: dict) -> str:
     lines = [
         f"matmul peak (1 thread, GFLOP/s): {report['matmul_gflops_1_thread']}; median of "
@@ -276,7 +285,7 @@ def table(report: dict) -> str:
                 ]
                 vs = [f"{v:.2f}x" if v is not None else "" for v in vs]
                 lines.append(
-                    f"| {size} | {dtype} | {task} | {name} | {value:,.1f} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
+                    f"| {size} | {dtype} | {task} | {name} | {number(value)} | {UNITS[task]} | {vs[0]} | {vs[1]} | "
                     f"{s['mfu']:.1%} | {s['peak_rss_mib']:.0f} | {s['runs']} |"
                 )
             split = rows.get("ours", {}).get("split")

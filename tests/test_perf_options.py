@@ -268,6 +268,14 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     ours = report["results"]["tiny"]["fp32"]["ppo"]["ours"]
     assert abs(sum(ours["split"].values()) - 1) < 1e-6 and 0 < ours["mfu"] < 1 and ours["peak_rss_mib"] > 100
     assert (Path(tmp_path) / "report.json").exists()
+    again = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--report", str(Path(tmp_path) / "report.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    rows = [ln for ln in again.stdout.splitlines() if ln.startswith("| tiny | bf16 | ppo | ours |")]
+    assert again.returncode == 0 and len(rows) == 1, again.stdout[-1500:]  # the saved report's table, reprinted
 
 
 def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
