@@ -186,6 +186,10 @@ def main() -> None:
     if a.report:
         print(table(json.loads(Path(a.report).read_text())))
         return
+    known = {"ours", "ours_compiled", "ours_bucketed", "ours_packed", "bare", "trl"}
+    unknown = sorted(set(a.contenders.split(",")) - known) if a.contenders else []
+    if unknown:
+        raise SystemExit(f"bench.py: --contenders: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     from workload import build
 
     sizes, tasks, dtypes = a.sizes.split(","), a.tasks.split(","), resolve_dtypes(a.dtypes)

@@ -36,7 +36,7 @@ class GenerationConfig:
     engine: str = "kv_loop"
     """'kv_loop': rlhf-lit's KV-cache sampling loop (1.5-2x faster than Hugging Face ``generate`` on small
     models, see benchmarks/); 'compiled': the same loop on a static KV cache with the decode step compiled
-    by ``torch.compile`` (once per model and batch size: tens of seconds on a CPU, then faster steps: see
+    by ``torch.compile`` (once per model class and batch size: tens of seconds on a CPU, then faster steps: see
     benchmarks/README.md; worth it for long runs); 'hf': ``model.generate`` (needed for ``synced_gpus``)"""
 
     def __post_init__(self):

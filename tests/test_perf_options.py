@@ -276,6 +276,10 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     )
     rows = [ln for ln in again.stdout.splitlines() if ln.startswith("| tiny | bf16 | ppo | ours |")]
     assert again.returncode == 0 and len(rows) == 1, again.stdout[-1500:]  # the saved report's table, reprinted
+    typo = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--contenders", "ours,trll"], cwd=REPO, capture_output=True, text=True
+    )
+    assert typo.returncode == 1 and typo.stderr.strip().startswith("bench.py: --contenders: unknown trll (known:")
 
 
 def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
