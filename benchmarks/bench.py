@@ -186,8 +186,10 @@ def main() -> None:
     if a.report:
         print(table(json.loads(Path(a.report).read_text())))
         return
-    known = {"ours", "ours_compiled", "ours_bucketed", "ours_packed", "bare", "trl"}
-    unknown = sorted(set(a.contenders.split(",")) - known) if a.contenders else []
+    # every contender any task and size has (TRL's only where its environment exists, so named here too)
+    known = {n for task in UNITS for size in STEPS for n, _ in contenders(task, size)} | {"trl"}
+    keep = set(a.contenders.split(",")) if a.contenders else None
+    unknown = sorted((keep or set()) - known)
     if unknown:
         raise SystemExit(f"bench.py: --contenders: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     from workload import build
@@ -211,7 +213,6 @@ def main() -> None:
         for dtype in dtypes:
             for task in tasks:
                 steps, warmup = (3, 1) if a.quick else STEPS[size][task]
-                keep = set(a.contenders.split(",")) if a.contenders else None
                 names = [
                     (n, cmd + ["--dtype", dtype]) for n, cmd in contenders(task, size) if keep is None or n in keep
                 ]

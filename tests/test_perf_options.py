@@ -54,7 +54,6 @@ def test_compiled_engine_equals_kv_loop_and_compiles_the_decode_step_once(tok):
     m = model("llama", tok)
     cfg = GenerationConfig(max_new_tokens=10, do_sample=False)
     compiled = GenerationConfig(**{**vars(cfg), "engine": "compiled"})
-    ids, mask = left_padded(tok)
     counters.clear()
     for n in (9, 13):
         ids, mask = left_padded(tok, length=n)
