@@ -3,6 +3,7 @@ an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Optional
@@ -107,6 +108,10 @@ class PPOModule(StageModule):
         self.kl = kl or FixedKL(0.05)
         self.advantage = advantage or GAE()
         self.gen, self.algo = generation or GenerationConfig(), algo or PPOConfig()
+        if self.gen.engine == "vllm":
+            from rlhf_lit.vllm_engine import require_vllm
+
+            require_vllm()  # a one-line error naming the install command, before any model or data is loaded
         if self.advantage.needs_critic and critic is None and not value_head_on_actor:
             raise ValueError(
                 f"{type(self.advantage).__name__} needs a critic: set model.critic (e.g. the reward "
@@ -121,6 +126,7 @@ class PPOModule(StageModule):
         self.samples: list[dict] = []
         self.buffer: Optional[InformativeBuffer] = None  # dynamic sampling: informative groups waiting
         self.timing: dict[str, float] = {}  # the last step's generate / score / train seconds
+        self.engine = None  # generation.engine vllm: the colocated engine, built at the first rollout
 
     def configure_model(self) -> None:
         if self.ac is not None:
@@ -191,6 +197,13 @@ class PPOModule(StageModule):
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             prompts = [p for p in prompts for _ in range(k)]
             columns = {name: [v for v in col for _ in range(k)] for name, col in columns.items()}
+        if self.gen.engine == "vllm" and self.engine is None:  # after any checkpoint restore: current weights
+            from rlhf_lit.models import gathered
+            from rlhf_lit.vllm_engine import VLLMEngine
+
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31)) + self.global_rank
+            with gathered(self.ac.policy.parameters()):
+                self.engine = VLLMEngine.from_model(self.ac.policy, self.tokenizer, self.gen.vllm, seed=seed)
         return make_rollout(
             self.ac,
             self.ref,
@@ -203,6 +216,7 @@ class PPOModule(StageModule):
             ref_from_adapters=self.lora is not None and self.uses_reference,
             score_policy=score_policy,
             columns=columns,
+            engine=self.engine,
         )
 
     def informative(self, ro: Rollout) -> Optional[Rollout]:
@@ -234,8 +248,9 @@ class PPOModule(StageModule):
             adv = ppo.whiten(adv, mask, sum_fn=self.sum_over_ranks)
         return adv, ret
 
-    def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None):
-        """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused)."""
+    def minibatch_loss(self, ro: Rollout, idx, adv, ret, ptx, out=None, tis=None):
+        """``out``: the whole batch's (logprobs, entropy, values) forward, when already computed (fused);
+        ``tis``: (B, R) truncated importance sampling weights (engine-sampled rollouts)."""
         a, norm = self.algo, float(self.gen.max_new_tokens)
         mask = ro.mask[idx]
         if a.overlong_filter:  # truncated responses carry no signal about where to stop (DAPO)
@@ -246,7 +261,15 @@ class PPOModule(StageModule):
             out = tuple(t[idx] if t is not None else None for t in out)
         logprobs, entropy, values = out
         loss, stats = ppo.policy_loss(
-            logprobs, ro.logprobs[idx], adv[idx], mask, a.clip_eps, a.clip_eps_high, a.loss_agg, norm
+            logprobs,
+            ro.logprobs[idx],
+            adv[idx],
+            mask,
+            a.clip_eps,
+            a.clip_eps_high,
+            a.loss_agg,
+            norm,
+            weights=None if tis is None else tis[idx],
         )
         if a.kl_in_loss and ro.ref_logprobs is not None:
             kl, kl_stats = ppo.kl_loss(logprobs, ro.ref_logprobs[idx], mask, a.kl_estimator, a.loss_agg, norm)
@@ -278,13 +301,14 @@ class PPOModule(StageModule):
             ro.values = out[2].detach() if out[2] is not None else None
         rewards, kl_stats = self.rewards(ro)
         adv, ret = self.advantages(rewards, ro.values, ro.mask)
+        tis, engine_stats = self.engine_mismatch(ro)
 
         opt, sched, n = self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
         per_step, skipped = [], 0
         for _ in range(self.algo.ppo_epochs):
             order = torch.randperm(n, device=ro.mask.device)
             for idx in order.chunk(min(self.algo.num_minibatches, n)):
-                loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx, out)
+                loss, stats = self.minibatch_loss(ro, idx, adv, ret, ptx, out, tis)
                 if self.diverged(loss, stats["ratio_max"]):
                     skipped += 1  # a diverged update: skip it rather than poison the weights
                     continue
@@ -300,12 +324,31 @@ class PPOModule(StageModule):
             self.kl.update(float(self.mean_over_ranks(kl_stats["kl"])), n * self.trainer.world_size)
 
         self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}
+        if self.engine is not None and per_step:  # the engine samples the next rollout with these weights
+            self.timing["sync_s"] = self.engine.sync(self.ac.policy)
         if self.logging_step():
-            self.log_step(ro, kl_stats, per_step, skipped, self.timing)
+            self.log_step(ro, kl_stats, per_step, skipped, self.timing, engine_stats)
         if self.samples_every and batch_idx % self.samples_every == 0:
             self.samples = [
                 {"prompt": p, "response": r, "score": float(s)} for p, r, s in zip(ro.prompts, ro.responses, ro.scores)
             ]
+
+    def engine_mismatch(self, ro: Rollout):
+        """Engine-sampled rollouts: the engine's log-probs against the trainer's (rollout/logprob_diff_*)
+        and, with algo.tis_cap, the truncated importance sampling weights (B, R). Returns (weights or
+        None, stats)."""
+        if ro.engine_logprobs is None:
+            return None, {}
+        stats = ppo.logprob_mismatch(ro.logprobs, ro.engine_logprobs, ro.mask)
+        if self.algo.tis_cap is None:
+            return None, stats
+        weights, tis_stats = ppo.tis_weights(ro.logprobs, ro.engine_logprobs, ro.mask, self.algo.tis_cap)
+        return weights, {**stats, **tis_stats}
+
+    def teardown(self, stage: str) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def clip_per_model(self) -> dict:
         """Actor and critic clipped each to its own norm (their norms before clipping are returned). Under
@@ -335,8 +378,9 @@ class PPOModule(StageModule):
             for e, p in pairs:
                 e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
 
-    def log_step(self, ro: Rollout, kl_stats, per_step, skipped, timing) -> None:
+    def log_step(self, ro: Rollout, kl_stats, per_step, skipped, timing, engine_stats) -> None:
         logs = {**rollout_metrics(ro, kl_stats, per_step, skipped, timing), "objective/kl_coef": self.kl.value}
+        logs.update({f"rollout/{k}": v for k, v in engine_stats.items()})
         if getattr(self.reward, "truncated", None) is not None:  # rows the reward model's own tokenizer cut
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,8 +12,9 @@ from torch import Tensor
 from rlhf_lit.chat_format import ChatFormat, Prompt
 from rlhf_lit.models import accepts_arg, cache_arg, returned_cache
 from rlhf_lit.ops import pad_sequences, position_ids_from_mask
+from rlhf_lit.vllm_engine import VLLMOptions
 
-ENGINES = ("kv_loop", "compiled", "hf")
+ENGINES = ("kv_loop", "compiled", "hf", "vllm")
 STATIC_CACHE_ROUND = 64
 """static KV caches are sized prompt + max_new_tokens rounded up to this, so batches with different prompt
 lengths share one compiled decode step"""
@@ -37,7 +38,10 @@ class GenerationConfig:
     """'kv_loop': rlhf-lit's KV-cache sampling loop (1.5-2x faster than Hugging Face ``generate`` on small
     models, see benchmarks/); 'compiled': the same loop on a static KV cache with the decode step compiled
     by ``torch.compile`` (once per model class and batch size: tens of seconds on a CPU, then faster steps: see
-    benchmarks/README.md; worth it for long runs); 'hf': ``model.generate`` (needed for ``synced_gpus``)"""
+    benchmarks/README.md; worth it for long runs); 'hf': ``model.generate`` (needed for ``synced_gpus``);
+    'vllm': a colocated vLLM engine, weights synced after every training step (``make vllm``; issue #25)"""
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    """the vLLM engine's settings (engine: vllm)"""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -64,31 +68,65 @@ def response_mask(responses: Tensor, stops: list[int]) -> Tensor:
     return (~after).long()
 
 
-@torch.no_grad()
-def generate(
-    model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, synced_gpus: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Sample responses to left-padded prompts with the KV cache.
+def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg: GenerationConfig, **kw):
+    """Sample responses to left-padded prompts with the KV cache (or the vLLM ``engine=``; ``synced_gpus=``).
 
     prompt_ids, prompt_mask: (B, P). Returns (responses, mask), both (B, R): tokens after a stop
     token are replaced by pad and masked out, so every row ends at its first eos/stop.
     """
+    return sample(model, tokenizer, prompt_ids, prompt_mask, cfg, **kw)[:2]
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cfg: GenerationConfig,
+    synced_gpus: bool = False,
+    engine=None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """:func:`generate`, plus the sampler's own log-probs of the response tokens, (B, R), where the
+    sampler is a separate engine (vLLM: its numerics differ from the trainer's); else None. With
+    ``cfg.engine == 'vllm'`` and no ``engine`` given, one is built for ``model`` and kept with it
+    (evaluate, chat: the weights do not change)."""
     stops = stop_ids(tokenizer, cfg)
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.engine in ("kv_loop", "compiled") and not synced_gpus:
-            compiled = cfg.engine == "compiled"
-            # clone(): out of inference mode, so the tokens can feed a training forward (PPO)
-            responses = kv_loop(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, compiled).clone()
-        else:
-            responses = hf_generate(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, synced_gpus)
-    finally:
-        model.train(was_training)
+    engine_logprobs = None
+    if cfg.engine == "vllm":
+        engine = engine or attached_engine(model, tokenizer, cfg)
+        responses, engine_logprobs = engine.generate(prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id)
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            if cfg.engine in ("kv_loop", "compiled") and not synced_gpus:
+                compiled = cfg.engine == "compiled"
+                # clone(): out of inference mode, so the tokens can feed a training forward (PPO)
+                responses = kv_loop(
+                    model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, compiled
+                ).clone()
+            else:
+                responses = hf_generate(model, prompt_ids, prompt_mask, cfg, stops, tokenizer.pad_token_id, synced_gpus)
+        finally:
+            model.train(was_training)
     if responses.size(1) == 0:
         responses = torch.full((prompt_ids.size(0), 1), tokenizer.pad_token_id, device=prompt_ids.device)
     mask = response_mask(responses, stops)
-    return responses.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+    if engine_logprobs is not None:
+        engine_logprobs = engine_logprobs * mask
+    return responses.masked_fill(mask == 0, tokenizer.pad_token_id), mask, engine_logprobs
+
+
+def attached_engine(model, tokenizer, cfg: GenerationConfig):
+    """The vLLM engine kept with ``model`` (built on first use from its current weights)."""
+    from rlhf_lit.vllm_engine import VLLMEngine
+
+    engine = model.__dict__.get("_vllm_engine")
+    if engine is None:
+        engine = VLLMEngine.from_model(model, tokenizer, cfg.vllm, seed=torch.initial_seed() % 2**31)
+        model.__dict__["_vllm_engine"] = engine
+    return engine
 
 
 def hf_generate(model, prompt_ids, prompt_mask, cfg: GenerationConfig, stops, pad_id, synced_gpus=False) -> Tensor:

@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,21 +406,41 @@ def check_frozen_dtype(dtype: str) -> str:
     return dtype
 
 
+NATIVE_BF16_ENV = "RLHF_LIT_NATIVE_BF16"
+"""``auto`` (default: detect), ``1`` (treat this CPU as computing bf16 natively) or ``0`` (as emulating it):
+the switch that lets tests and benchmarks take either hardware branch on any machine (#26)"""
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (avx512_bf16 or AMX), or what
+    ``RLHF_LIT_NATIVE_BF16`` forces. A bad value is a one-line error naming the variable."""
+    mode = os.environ.get(NATIVE_BF16_ENV, "auto").strip().lower() or "auto"
+    if mode in ("1", "true", "yes", "on"):
+        return True
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if mode != "auto":
+        raise ValueError(f"{NATIVE_BF16_ENV} must be auto, 1 or 0, got {mode!r}")
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def native_half(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``device`` multiplies ``dtype`` matrices at full speed: CUDA (bf16 where supported), or a
-    CPU with avx512_bf16 / AMX for bf16. On this project's AVX2-only EPYC, one thread, 1024^2: a bf16
-    ``F.linear`` ran at 9.2 GFLOP/s against 66.7 in fp32 (a bf16 ``a @ b`` at 0.86), and a SmolLM2
-    forward+backward took 14.5x longer under bf16 autocast: compute stays fp32 there."""
+    CPU with avx512_bf16 / AMX for bf16 (:func:`cpu_bf16_native`, forced by ``RLHF_LIT_NATIVE_BF16``). On
+    this project's AVX2-only EPYC, one thread, 1024^2: a bf16 ``F.linear`` ran at 9.2 GFLOP/s against 66.7
+    in fp32 (a bf16 ``a @ b`` at 0.86), and a SmolLM2 forward+backward took 14.5x longer under bf16
+    autocast. It decides speed only (which benchmark rows run, a warning for emulated bf16 training),
+    never what a model computes: frozen models follow the trainer's precision (:func:`hold_frozen`)."""
     if device.type == "cuda":
         return dtype == torch.float16 or torch.cuda.is_bf16_supported()
     if device.type == "cpu" and dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return cpu_bf16_native()
     return False
 
 
 def _upcast(module: nn.Module, args: tuple, kwargs: dict):
     params = list(module.parameters(recurse=False))
-    if not params or params[0].dtype == torch.float32 or native_half(params[0].device, params[0].dtype):
+    if not params or params[0].dtype == torch.float32 or getattr(module, "_compute_held", False):
         return None
     module._held_half = [p.data for p in params]
     for p in params:
@@ -435,15 +456,24 @@ def _restore(module: nn.Module, args: tuple, kwargs: dict, output):
             p.data = data
 
 
-def hold_frozen(module: nn.Module, dtype: str) -> nn.Module:
+def hold_frozen(module: nn.Module, dtype: str, compute_held: bool = False) -> nn.Module:
     """Store a frozen module's floating parameters in ``dtype`` (half the memory of fp32 for the
-    reference and reward models; issue #18). Where the device computes that dtype natively the module
-    then runs in it; elsewhere (CPUs without bf16 units) every layer upcasts its own weights and inputs to
-    fp32 for its forward and drops the copy after it, so peak extra memory is one layer's weights and the
-    result equals an fp32 model with the rounded weights (tested). Buffers (rotary tables) keep their dtype.
-    Not for trainable modules (their fp32 weights are the optimizer's) nor under DeepSpeed, whose own
-    precision setting casts every module it holds."""
+    reference and reward models; issue #18) and make it compute in the trainer's precision (#27).
+
+    ``compute_held=False`` (fp32 and mixed-precision trainers): every layer upcasts its own weights and
+    inputs to fp32 for its forward and drops the copy after it, so peak extra memory is one layer's weights
+    and the result equals an fp32 model with the rounded weights (tested) on every machine, whether or
+    not it has bf16 units. Under bf16 autocast the upcast layer then runs as the trainable model does
+    (autocast rounds the fp32 weights to bf16 for matmuls, the rest stays fp32), so a reference equal to
+    the policy gives KL 0 at step 0. Computing natively in bf16 instead put SmolLM2's reference 0.036
+    nats per token off the fp32 policy on a CPU with avx512_bf16 (issue #27: DPO step-0 loss 0.6974, not
+    log 2). ``compute_held=True`` (a bf16-true/16-true trainer, where the policy itself computes in half):
+    the module runs in ``dtype``. Buffers (rotary tables) keep their dtype. Not for trainable modules
+    (their fp32 weights are the optimizer's) nor under DeepSpeed, whose own precision setting casts every
+    module it holds."""
     check_frozen_dtype(dtype)
+    for sub in module.modules():
+        sub._compute_held = compute_held
     if dtype == "float32" or getattr(module, "_held_dtype", None) == dtype:
         return module
     target = DTYPES[dtype]

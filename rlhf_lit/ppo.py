@@ -165,10 +165,12 @@ def policy_loss(
     clip_eps_high: float | None = None,
     agg: str = "token_mean",
     norm: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017), aggregated over response tokens by ``agg``.
 
-    All inputs (B, T). The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high``
+    All inputs (B, T); ``weights`` (B, T), no gradient, multiply each token's term (truncated importance
+    sampling: :func:`tis_weights`). The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high``
     defaults to clip_eps; DAPO's clip-higher raises it, e.g. 0.28, so low-probability tokens can grow).
     Where the ratio leaves that range in the direction the advantage favours, the clipped term is the
     max and carries no gradient.
@@ -178,7 +180,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
-    loss = aggregate(torch.max(unclipped, clipped), mask, agg, norm)
+    per_token = torch.max(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, mask, agg, norm)
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
@@ -188,6 +193,31 @@ def policy_loss(
             "ratio_var": masked_var(ratio, mask),
         }
     return loss, stats
+
+
+def tis_weights(
+    logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling weights (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"): the tokens were sampled by an engine whose probabilities differ from the
+    trainer's for the same weights, so each token's policy term is weighted by min(pi_trainer / pi_engine,
+    cap). logprobs (the trainer's old log-probs), engine_logprobs, mask: (B, T). Returns the (B, T)
+    weights (1 where masked, no gradient) and their stats."""
+    with torch.no_grad():
+        ratio = torch.exp((logprobs - engine_logprobs) * mask)
+        weights = torch.where(mask > 0, ratio.clamp(max=cap), torch.ones_like(ratio))
+        stats = {
+            "tis_weight_mean": masked_mean(weights, mask),
+            "tis_clipped_frac": masked_mean((ratio > cap).float(), mask),
+        }
+    return weights, stats
+
+
+def logprob_mismatch(logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """|trainer log-prob - engine log-prob| over response tokens: mean and max. All (B, T)."""
+    with torch.no_grad():
+        diff = (logprobs - engine_logprobs).abs() * mask
+        return {"logprob_diff_mean": masked_mean(diff, mask), "logprob_diff_max": diff.max()}
 
 
 def kl_loss(

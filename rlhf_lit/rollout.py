@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_lit.generation import GenerationConfig, decode, generate, stop_ids
+from rlhf_lit.generation import GenerationConfig, decode, sample, stop_ids
 from rlhf_lit.models import ScalarModel, gathered, lm_hidden, lm_inputs
 from rlhf_lit.ops import chunked_logprobs, masked_mean
 from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, overlong_penalty, varied_groups
@@ -85,12 +85,18 @@ class PPOConfig:
     step. Under DeepSpeed the engine's ``gradient_clipping`` (one joint norm) applies instead"""
     critic_max_grad_norm: Optional[float] = 1.0
     """clip the critic's (or value head's) gradient to this norm (None: no clipping)"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025) when a separate engine samples (generation.engine:
+    vllm): each token's policy loss is weighted by min(pi_trainer / pi_engine, tis_cap), correcting for
+    the engine's numerics differing from the trainer's (e.g. 2.0; None: off)"""
 
     def __post_init__(self):
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("ppo_epochs and num_minibatches must be >= 1")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 or null, got {self.tis_cap}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
@@ -183,6 +189,8 @@ class Rollout:
     timing: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)
     """the rows' extra fields, ``{name: [B values]}`` (what reward functions received)"""
+    engine_logprobs: Optional[Tensor] = None
+    """(B, R) the sampling engine's own log-probs of the response tokens (vLLM), else None"""
 
     @property
     def eos_fraction(self) -> Tensor:
@@ -203,6 +211,7 @@ def make_rollout(
     synced_gpus: bool = False,
     score_policy: bool = True,
     columns: Optional[dict] = None,
+    engine=None,
 ) -> Rollout:
     """Sample responses with the actor, then score them with the reward source, the reference, the
     actor (old log-probs) and the critic (old values). prompt_ids, prompt_mask: (B, P) left-padded.
@@ -210,11 +219,17 @@ def make_rollout(
     ``score_policy=False`` skips the actor/critic pass (logprobs, entropy, values left None): with one
     PPO epoch of one minibatch the first training forward computes exactly those, so the caller takes
     them from it, detached, instead of running the actor and critic twice. Without a reference (``ref``
-    None and no adapters: no KL anywhere) ``ref_logprobs`` is None.
+    None and no adapters: no KL anywhere) ``ref_logprobs`` is None. ``engine``: the vLLM engine that samples
+    (``gen.engine == 'vllm'``); its own log-probs are kept as ``engine_logprobs``.
     """
     t0 = time.perf_counter()
-    with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
-        responses, mask = generate(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus)
+    if engine is not None:  # the engine holds its own copy of the weights (synced by the caller)
+        responses, mask, engine_logprobs = sample(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, engine=engine)
+    else:
+        with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
+            responses, mask, engine_logprobs = sample(
+                ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus
+            )
     t1 = time.perf_counter()
     input_ids = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)
@@ -254,6 +269,7 @@ def make_rollout(
         ended,
         {"generate_s": t1 - t0, "score_s": t2 - t1},
         dict(columns or {}),
+        engine_logprobs,
     )
 
 
@@ -318,6 +334,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         prompts=[t for x in parts for t in x.prompts],
         responses=[t for x in parts for t in x.responses],
         ended=cat("ended"),
+        engine_logprobs=cat("engine_logprobs"),
         timing=timing,
         columns={k: [v for x in parts for v in x.columns.get(k, [None] * len(x.prompts))] for k in names},
     )

@@ -91,9 +91,13 @@ class StageModule(L.LightningModule):
         Under DeepSpeed its own precision decides: bf16 there casts every module it holds, frozen ones too."""
         if self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return
+        # A half-true trainer computes the policy in half: the frozen models then compute in their
+        # storage dtype too; fp32 and mixed trainers upcast them layer by layer (#27).
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        compute_held = precision.endswith("-true") and not precision.startswith(("32", "64"))
         for m in modules:
             if m is not None:
-                hold_frozen(m, dtype)
+                hold_frozen(m, dtype, compute_held=compute_held)
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:

@@ -304,8 +304,13 @@ def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
     assert with_fused_kernel(sgd) is sgd
 
 
+@pytest.mark.parametrize("native_bf16", ["0", "1"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_frozen_model_held_in_bf16_computes_like_its_rounded_fp32_copy(tok, family):
+def test_frozen_model_held_in_bf16_computes_like_its_rounded_fp32_copy(tok, family, native_bf16, monkeypatch):
+    """Both hardware branches (RLHF_LIT_NATIVE_BF16 forces each): a frozen model held in bf16 computes in
+    the trainer's precision, never in what the CPU happens to support (#26, #27)."""
+    monkeypatch.setenv("RLHF_LIT_NATIVE_BF16", native_bf16)
+    assert native_half(torch.device("cpu"), torch.bfloat16) is (native_bf16 == "1")
     held, rounded = model(family, tok), model(family, tok)
     with torch.no_grad():
         for p in rounded.parameters():
@@ -315,14 +320,33 @@ def test_frozen_model_held_in_bf16_computes_like_its_rounded_fp32_copy(tok, fami
     assert all(p.dtype == torch.bfloat16 for p in held.parameters())
     assert sum(p.numel() * p.element_size() for p in held.parameters()) == fp32_bytes // 2
     ids, mask = left_padded(tok, length=12)
+    run = lambda m: m(**lm_inputs(m, ids, mask)).logits.float()  # noqa: E731
     with torch.no_grad():
-        got, want = held(**lm_inputs(held, ids, mask)).logits, rounded(**lm_inputs(rounded, ids, mask)).logits
-    # Without bf16 units each layer ran in fp32 on its rounded weights: the fp32 copy's result exactly
-    native = native_half(torch.device("cpu"), torch.bfloat16)
-    assert torch.allclose(got.float(), want, atol=0.1 if native else 1e-5)
+        want = run(rounded)
+        # fp32 trainer: each layer ran in fp32 on its rounded weights, the fp32 copy's result exactly
+        torch.testing.assert_close(run(held), want, atol=1e-5, rtol=1e-5)
+        # bf16 autocast: the upcast layers run as the fp32 copy does under the same autocast, bit for bit
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(run(held), run(rounded))
+        # a bf16-true trainer: the model computes in bf16 itself, within bf16's rounding of the logits
+        hold_frozen(held, "bfloat16", compute_held=True)
+        got = run(held)
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    bf16_tol = 64 * torch.finfo(torch.bfloat16).eps * want.abs().max().item()  # a few ulps per layer
+    torch.testing.assert_close(got, want, atol=bf16_tol, rtol=0)
     assert all(p.dtype == torch.bfloat16 for p in held.parameters())
     with pytest.raises(ValueError, match="frozen_dtype must be one of"):
         hold_frozen(held, "int8")
+
+
+def test_native_bf16_switch_is_validated(monkeypatch):
+    monkeypatch.setenv("RLHF_LIT_NATIVE_BF16", "sometimes")
+    with pytest.raises(ValueError, match="RLHF_LIT_NATIVE_BF16 must be auto, 1 or 0, got 'sometimes'"):
+        native_half(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("RLHF_LIT_NATIVE_BF16", "auto")
+    detected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_half(torch.device("cpu"), torch.bfloat16) is detected
+    assert not native_half(torch.device("cpu"), torch.float16)
 
 
 def test_freed_tensors_return_their_memory_to_the_system():

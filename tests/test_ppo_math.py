@@ -300,3 +300,39 @@ def test_overlong_penalty_hand_computed():
     torch.testing.assert_close(ppo.overlong_penalty(lengths, 10, 4, factor=2.0)[2], torch.tensor(-1.0))
     with pytest.raises(ValueError, match="buffer"):
         ppo.overlong_penalty(lengths, 10, 11)
+
+
+def test_tis_weights_hand_computed_and_against_a_loop():
+    """Truncated importance sampling (Yao et al. 2025): min(pi_trainer / pi_engine, cap) per token, 1 at pad."""
+    lp = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    engine = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w, stats = ppo.tis_weights(lp, engine, mask, cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.5, 0.5, 1.0]]))  # 2.0 capped at 1.5; 0.5; pad
+    torch.testing.assert_close(stats["tis_weight_mean"], torch.tensor(1.0))
+    torch.testing.assert_close(stats["tis_clipped_frac"], torch.tensor(0.5))
+    a, b, m = random_masked(seed=4)
+    w, _ = ppo.tis_weights(a, b, m, cap=2.0)
+    for i in range(m.size(0)):
+        for j in range(m.size(1)):
+            want = min(float(torch.exp(a[i, j] - b[i, j])), 2.0) if m[i, j] else 1.0
+            assert abs(w[i, j].item() - want) < 1e-5
+
+
+def test_tis_weights_scale_each_tokens_policy_term_without_gradient():
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    weights = torch.tensor([[2.0, 0.5]], requires_grad=True)
+    loss, _ = ppo.policy_loss(lp, lp.detach(), adv, mask, weights=weights)
+    torch.testing.assert_close(loss, torch.tensor(-1.25))  # mean of -A * ratio * w at ratio 1: -(2 + 0.5) / 2
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, -0.25]]))  # d/dlp of -w * exp(lp - old) / 2
+    assert weights.grad is None  # weights are constants
+
+
+def test_logprob_mismatch_mean_and_max_over_response_tokens():
+    stats = ppo.logprob_mismatch(
+        torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -9.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    )
+    torch.testing.assert_close(stats["logprob_diff_mean"], torch.tensor(0.25))  # pad (diff 6) left out
+    torch.testing.assert_close(stats["logprob_diff_max"], torch.tensor(0.5))
