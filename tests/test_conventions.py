@@ -7,8 +7,8 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import CHATML, FAMILIES
 from helpers import build_ppo, changed, datamodule, snapshot, trainer, unchanged
-from test_models import FAMILIES
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
@@ -23,11 +23,6 @@ from rlhf_lit.rewards import CallableReward
 from rlhf_lit.rollout import PPOConfig, ended_with_stop
 from rlhf_lit.tokenizer import HFTokenizer
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 HH = "\n\nHuman: List 3 fruits.\n\nAssistant:"
 
 

@@ -10,28 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import REPO, rlhf_lit, short_recipe
+from conftest import REPO
 from transformers import AutoModelForCausalLM
 
 STAGES = ("sft", "reward", "ppo", "dpo")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A short plain pipeline: its exports feed the stages and its resolved stage configs are reused. A DPO
-    stage config is written beside them: the reward stage's pairs and trainer, the DPO module on the SFT export."""
-    import yaml
-
-    tmp = tmp_path_factory.mktemp("ds")
-    out = rlhf_lit("pipeline", "--config", str(short_recipe(tmp)))
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = tmp / "run"
-    cfg = yaml.safe_load((run / "reward" / "config.yaml").read_text())
-    dpo = yaml.safe_load((REPO / "configs/dpo/tiny.yaml").read_text())["model"]
-    dpo["init_args"]["model"]["init_args"]["path"] = str(run / "sft" / "export")
-    (run / "dpo").mkdir()
-    (run / "dpo" / "config.yaml").write_text(yaml.safe_dump({**cfg, "model": dpo}))
-    return run
 
 
 def fit(run: Path, stage: str, out: Path, zero: str, steps: int = 2, procs: int = 1, extra=()):
@@ -125,6 +107,7 @@ def test_stage_runs_under_zero_in_one_process(run, stage, zero, tmp_path):
     assert any(r.get("train/loss") or r.get("ppo/policy_loss") for r in metrics(tmp_path))
 
 
+@pytest.mark.slow  # two processes (torchrun) per item
 @pytest.mark.parametrize(
     "stage,zero", [(s, z) for s in STAGES for z in ("zero2", "zero3") if s != "dpo" or z == "zero3"]
 )
@@ -136,11 +119,13 @@ def test_stage_runs_under_zero_on_two_processes(run, stage, zero, tmp_path):
     assert (new / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # optimizer offload: about a minute
 def test_zero2_with_optimizer_offload(run, tmp_path):
     fit(run, "sft", tmp_path, "zero2_offload")
     assert (tmp_path / "export" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # two ZeRO-3 fits and a consolidation
 def test_zero3_checkpoint_resumes_and_export_equals_consolidated_weights(run, tmp_path):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 

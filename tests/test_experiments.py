@@ -45,7 +45,7 @@ def test_experiment_overlay_parses_on_its_base(study, name, stage, path, tmp_pat
 
 
 def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
-    from test_pipeline import short_recipe
+    from conftest import short_recipe
 
     monkeypatch.chdir(REPO)
     base = short_recipe(tmp_path, ppo_steps=3)
@@ -100,7 +100,7 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
 def test_every_experiment_runs_a_few_steps_on_the_tiny_model(study, tmp_path, monkeypatch):
     import shutil
 
-    from test_pipeline import short_recipe
+    from conftest import short_recipe
 
     monkeypatch.chdir(REPO)
     small = tmp_path / "study"

@@ -2,27 +2,12 @@
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_lit.models import HFModel, ScalarModel, TinyModel, lm_inputs, load_scalar_model
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.tokenizer import HFTokenizer, ensure_pad, tokenizer_fingerprint
-
-FAMILIES = [
-    "opt",
-    "gpt2",
-    "bloom",
-    "gpt_neox",
-    "gptj",
-    "gpt_neo",
-    "codegen",
-    "llama",
-    "qwen2",
-    "mistral",
-    "gemma",
-    "gemma2",
-    "phi3",
-]
 
 
 def test_trained_tokenizer_round_trip(tok, tokenizer_dir, tmp_path):

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import (
+    FAMILIES,  # noqa: E402
+    REPO,
+)
 from helpers import changed, datamodule, snapshot, trainer
-from test_models import FAMILIES  # noqa: E402
 
 from datamodules import PromptDataModule, SFTDataModule
 from datamodules import collate as C
@@ -230,6 +232,7 @@ def test_bucketed_sampler_keeps_every_sample_and_cuts_padding():
     assert padded(order) < 0.7 * padded(list(plain))
 
 
+@pytest.mark.slow  # every contender of the benchmark: 80 s
 def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
     """One command, tiny steps: the table and the JSON with its ratios, for the contenders asked for (TRL's
     are left out here: its environments exist only after `make bench-setup`)."""
@@ -398,6 +401,7 @@ def test_malloc_mode_auto_releases_under_gradient_checkpointing_only():
     assert got["sometimes"] == "RLHF_LIT_MALLOC must be one of ('auto', 'release', 'default'), got 'sometimes'"
 
 
+@pytest.mark.slow  # memory benchmark subprocesses: 75 s
 def test_memory_benchmark_reports_each_run_and_stops_one_over_the_limit(tmp_path):
     """benchmarks/memory.py on the tiny shape: a peak per (task, contender), and the watchdog's verdict."""
 
@@ -423,6 +427,7 @@ def test_memory_benchmark_reports_each_run_and_stops_one_over_the_limit(tmp_path
     assert [r["contender"] for r in largest] == ["ours", "ours_lora4"] and not any(r["over_limit"] for r in largest)
 
 
+@pytest.mark.slow  # a PPO run of the GPU script on the CPU
 def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):
     """`make bench-gpu`'s script (OPT-1.3B + OPT-350M, bf16, ZeRO-2 on a GPU) through the same code path on
     CPU with the tiny shape: DeepSpeed's bf16 engine, PPO steps, its JSON line."""

@@ -6,58 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1, base: Path | None = None) -> Path:
-    """A shortened copy of a pipeline recipe (default: the quickstart): 600 rows, 1-layer 32-wide models.
-    Without a reward stage the recipe's PPO model settings (its reward source) are kept."""
-    run_dir = tmp_path / "run"
-    from rlhf_lit.recipes import resolve_pipeline_paths
-
-    base = base or REPO / "configs/pipeline/quickstart.yaml"
-    cfg = resolve_pipeline_paths(yaml.safe_load(base.read_text()), base.resolve().parent)
-    cfg["run_dir"] = str(run_dir)
-    cfg["tokenizer"]["init_args"]["save_dir"] = str(run_dir / "tokenizer")
-    cfg["blend"]["sources"][0]["options"]["n"] = 600
-    cfg["checkpoint_every_n_steps"] = 3
-    tiny = {"init_args": {"hidden_size": 32, "num_layers": 1, "ffn_size": 64}}
-    stages = {s["name"]: s for s in cfg["stages"]}
-    stages["sft"]["overrides"] = {
-        "trainer": {"max_epochs": sft_epochs},
-        "model": {"init_args": {"model": tiny, "rouge_samples": 2}},
-    }
-    ppo_model = stages["ppo"]["overrides"].get("model") if "reward" not in stages else None
-    if "reward" in stages:
-        stages["reward"]["overrides"] = {"trainer": {"max_epochs": 1}}
-    stages["ppo"]["overrides"] = {"trainer": {"max_steps": ppo_steps}, "data": {"init_args": {"batch_size": 4}}}
-    if ppo_model:  # a recipe without a reward model keeps its PPO stage's reward source
-        stages["ppo"]["overrides"]["model"] = ppo_model
-    cfg["evaluation"]["prompts"] = 8
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-SECRET = "wandb-key-that-must-never-be-written-0123456789"
-
-
-def rlhf_lit(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": SECRET}
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=kw.pop("cwd", REPO),
-        env=env,
-        timeout=600,
-        **kw,
-    )
+from conftest import REPO, SECRET, rlhf_lit, short_recipe
 
 
 def test_pipeline_summary_plot_skip_on_rerun_chat_and_evaluate(tmp_path):
@@ -151,6 +103,7 @@ def test_evaluate_and_chat_errors_are_one_line(tmp_path):
     assert chat.returncode == 1 and "nope" in chat.stderr and "Traceback" not in chat.stderr
 
 
+@pytest.mark.slow  # a killed pipeline and its rerun
 @pytest.mark.parametrize("stage", ["reward", "ppo"])
 def test_kill_during_a_stage_then_rerun_completes(tmp_path, stage):
     cfg = short_recipe(tmp_path, ppo_steps=40, sft_epochs=1)

@@ -104,6 +104,7 @@ def fit(stage: str, tmp: Path, data: Path, model: dict, extra_data: dict | None 
     return res
 
 
+@pytest.mark.slow  # the real model through three stages
 def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,6 +178,7 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
     assert len(answer[0].split()) < 15
 
 
+@pytest.mark.slow  # the real model as actor, critic and reward
 def test_raw_smollm2_as_actor_critic_and_reward(tmp_path):
     """Issue #17's crash: a raw checkpoint whose tokenizer pads with eos as actor, critic and reward model.
     Nothing is resized any more; the reward model's head is new, so its statistics come from rollouts."""

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
-from test_deepspeed import run  # noqa: F401  (the shared short pipeline fixture)
-from test_pipeline import REPO
 
 STEPS = 12
 
@@ -66,8 +65,9 @@ def last_step(ckpt: Path) -> int:
         return -1
 
 
+@pytest.mark.slow  # SIGKILL resume: two runs per stage
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
-def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     whole = subprocess.run(
         command(run, stage, tmp_path / "whole"), capture_output=True, text=True, cwd=REPO, env=env, timeout=600

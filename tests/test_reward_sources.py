@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import CHATML, REPO
 from helpers import build_ppo, changed, datamodule, snapshot, trainer
-from test_conventions import CHATML
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from datamodules import PromptDataModule

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import FAMILIES, write_jsonl
 from helpers import changed, datamodule, snapshot, trainer
-from test_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from datamodules import Blend, PreferenceDataModule, SFTDataModule, SourceSpec
