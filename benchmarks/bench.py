@@ -20,6 +20,7 @@ FLOP/s in the same dtype, measured in the same run on one thread.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -87,6 +88,9 @@ def contenders(task: str, size: str = "tiny") -> list[tuple[str, list[str]]]:
         # the compiled decode step pays at the tiny size only: at SmolLM2's its generation ran 8% slower on
         # this CPU after a 95 s compile (benchmarks/README.md)
         out.append(("ours_compiled", [py, str(HERE / "run_ours.py"), task, "--engine", "compiled"]))
+    if task == "ppo" and importlib.util.find_spec("vllm") is not None:
+        # rollouts through the colocated vLLM engine (issue #25; `make vllm`), weight sync in the step's time
+        out.append(("ours_vllm", [py, str(HERE / "run_ours.py"), task, "--engine", "vllm"]))
     if task in ("sft", "reward"):
         out.append(("ours_bucketed", [py, str(HERE / "run_ours.py"), task, "--bucket"]))
     if task == "sft":

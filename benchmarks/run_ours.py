@@ -128,7 +128,7 @@ def main() -> None:
     # --minibatches minibatches
     p.add_argument("--batch-size", type=int, default=0, help="prompts (rows) per batch (0: the workload's 8)")
     p.add_argument("--minibatches", type=int, default=0, help="PPO: minibatches per rollout (0: the workload's 1)")
-    p.add_argument("--engine", default="kv_loop", help="PPO: generation engine (kv_loop, compiled, hf)")
+    p.add_argument("--engine", default="kv_loop", help="PPO: generation engine (kv_loop, compiled, hf, vllm)")
     a = p.parse_args()
     L.seed_everything(H["seed"], verbose=False)
     options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}

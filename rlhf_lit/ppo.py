@@ -228,9 +228,11 @@ def kl_loss(
     agg: str = "token_mean",
     norm: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL(actor || reference) as a loss term on the current log-probs instead of a reward penalty
-    (GRPO, Shao et al. 2024, eq. 4, with the k3 estimator). All inputs (B, T); the gradient flows through
-    ``logprobs``. The caller multiplies by the KL coefficient."""
+    """A KL estimate as a loss term on the current log-probs instead of a reward penalty (GRPO, Shao et al.
+    2024, eq. 4, with the k3 estimator). All inputs (B, T); the gradient flows through ``logprobs``. The
+    caller multiplies by the KL coefficient. On-policy the *gradient* of each estimator's expectation is:
+    k1: 0 (refused by PPOConfig); k2: that of KL(actor || reference); k3: that of KL(reference || actor),
+    though k3's *value* estimates KL(actor || reference) (tested by exact expectation, #27)."""
     loss = aggregate(kl_penalty(logprobs, ref_logprobs, estimator), mask, agg, norm)
     return loss, {"kl_loss": loss.detach()}
 

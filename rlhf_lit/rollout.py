@@ -35,8 +35,9 @@ class PPOConfig:
     """how per-token policy (and KL) losses become one number: token_mean, seq_mean_token_mean (GRPO's
     paper) or seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / max_new_tokens)"""
     kl_in_loss: bool = False
-    """put the KL to the reference in the loss (kl coefficient x kl_estimator on the current log-probs,
-    GRPO's k3) instead of in the reward; the rollout's KL is still measured and logged"""
+    """put the KL to the reference in the loss (kl coefficient x kl_estimator on the current log-probs;
+    the estimator then defaults to GRPO's k3) instead of in the reward; the rollout's KL is still measured
+    and logged"""
     dynamic_sampling: bool = False
     """group estimators: drop groups whose scores are all equal (no gradient) and keep sampling batches
     until one full batch of informative groups is ready (DAPO); the excess is dropped"""
@@ -58,8 +59,10 @@ class PPOConfig:
     """weight of the value loss in the combined loss"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
-    kl_estimator: str = "k1"
-    """per-token KL estimator of the penalty: k1, k2 or k3"""
+    kl_estimator: Optional[str] = None
+    """per-token KL estimator: k1, k2 or k3 (default: k1 as a reward penalty, k3 with kl_in_loss). In the
+    loss, k1's expected gradient on-policy is exactly 0 (it regularises nothing: refused); k2's is the
+    gradient of KL(actor||ref), k3's that of KL(ref||actor) (#27)"""
     score_clip: Optional[float] = 5.0
     """clip rewards to ±score_clip (None: no clipping)"""
     whiten_advantages: bool = True
@@ -93,6 +96,13 @@ class PPOConfig:
     def __post_init__(self):
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("ppo_epochs and num_minibatches must be >= 1")
+        if self.kl_estimator is None:
+            self.kl_estimator = "k3" if self.kl_in_loss else "k1"
+        if self.kl_in_loss and self.kl_estimator == "k1":
+            raise ValueError(
+                "algo.kl_in_loss with kl_estimator k1 regularises nothing (its expected gradient is 0): "
+                "use k3 (GRPO's, the default with kl_in_loss) or k2"
+            )
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.tis_cap is not None and self.tis_cap <= 0:

@@ -160,3 +160,26 @@ def test_pipeline_stage_list_errors_name_the_stage(tmp_path):
         Pipeline(str(tmp_path), {"sources": []}, [sft, sft])
     with pytest.raises(ValueError, match="loss_type must be one of"):
         DPOConfig(loss_type="kto")
+
+
+@pytest.mark.parametrize("lora", [None, LoRA(r=4)])
+def test_dpo_turns_dropout_off_so_step0_is_log2_on_every_call(tokenizer_dir, lora):
+    """With a checkpoint's dropout (OPT: 0.1) the same batch gave a different loss on every call, the
+    adapters-off reference too (#27); by default DPO sets dropout to 0 and the reference runs in eval mode."""
+    from rlhf_lit.models import has_dropout
+
+    dm = dpo_dm(tokenizer_dir)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    losses_by = {}
+    for dropout in (None, 0.0):
+        checkpoint = TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, dropout=0.1)
+        module = DPOModule(checkpoint, frozen_dtype="float32", lora=lora, dropout=dropout)
+        module.tokenizer = dm.tokenizer
+        module.configure_model()
+        module.train()
+        assert has_dropout(module.model) is (dropout is None)
+        torch.manual_seed(0)
+        losses_by[dropout] = [module.step(batch)[0].item() for _ in range(3)]
+    assert len(set(losses_by[None])) == 3  # the checkpoint's dropout: noise on every call
+    assert losses_by[0.0] == pytest.approx([math.log(2)] * 3, abs=1e-6)

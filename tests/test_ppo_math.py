@@ -336,3 +336,32 @@ def test_logprob_mismatch_mean_and_max_over_response_tokens():
     )
     torch.testing.assert_close(stats["logprob_diff_mean"], torch.tensor(0.25))  # pad (diff 6) left out
     torch.testing.assert_close(stats["logprob_diff_max"], torch.tensor(0.5))
+
+
+def test_kl_in_loss_gradients_by_exact_expectation_over_a_categorical():
+    """On-policy, the expected gradient of each estimator used as a loss, summed exactly over a categorical
+    distribution's outcomes: k1 gives 0, k2 the gradient of KL(pi||ref), k3 that of KL(ref||pi) (#27)."""
+    g = torch.Generator().manual_seed(0)
+    theta, ref = torch.randn(6, generator=g), torch.log_softmax(torch.randn(6, generator=g), -1)
+
+    def expected_grad(estimator):
+        t = theta.clone().requires_grad_(True)
+        logp = torch.log_softmax(t, -1)
+        weights = logp.exp().detach()  # samples drawn from the current policy: no gradient through them
+        loss = (weights * ppo.kl_penalty(logp[None], ref[None], estimator)[0]).sum()
+        return torch.autograd.grad(loss, t)[0]
+
+    def kl_grad(forward: bool):
+        t = theta.clone().requires_grad_(True)
+        logp = torch.log_softmax(t, -1)
+        kl = (logp.exp() * (logp - ref)).sum() if forward else (ref.exp() * (ref - logp)).sum()
+        return torch.autograd.grad(kl, t)[0]
+
+    torch.testing.assert_close(expected_grad("k1"), torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(expected_grad("k2"), kl_grad(forward=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected_grad("k3"), kl_grad(forward=False), atol=1e-5, rtol=1e-5)
+    from rlhf_lit.rollout import PPOConfig
+
+    assert PPOConfig(kl_in_loss=True).kl_estimator == "k3" and PPOConfig().kl_estimator == "k1"
+    with pytest.raises(ValueError, match="kl_in_loss with kl_estimator k1 regularises nothing"):
+        PPOConfig(kl_in_loss=True, kl_estimator="k1")
