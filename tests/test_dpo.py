@@ -90,7 +90,7 @@ def test_dpo_wiring_frozen_reference_cache_export_and_learning(tokenizer_dir, tm
     from transformers import AutoModelForCausalLM
 
     dm = dpo_dm(tokenizer_dir)
-    module = DPOModule(spec(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    module = DPOModule(spec(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), frozen_dtype="bfloat16")
     dm.setup("fit")
     module.tokenizer = dm.tokenizer
     module.configure_model()
@@ -183,3 +183,38 @@ def test_dpo_turns_dropout_off_so_step0_is_log2_on_every_call(tokenizer_dir, lor
         losses_by[dropout] = [module.step(batch)[0].item() for _ in range(3)]
     assert len(set(losses_by[None])) == 3  # the checkpoint's dropout: noise on every call
     assert losses_by[0.0] == pytest.approx([math.log(2)] * 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("native_bf16", ["0", "1"])
+def test_real_smollm2_dpo_step0_loss_is_log2_on_both_machine_kinds(native_bf16, monkeypatch, tmp_path):
+    """The real SmolLM2 against its default frozen reference: step-0 loss log 2 within 1e-3 whether the CPU
+    computes bf16 natively or not (RLHF_LIT_NATIVE_BF16 forces each branch; #26, #27)."""
+    from conftest import REPO, write_jsonl
+
+    from datamodules import Blend, SourceSpec
+    from rlhf_lit.models import HFModel
+    from rlhf_lit.tokenizer import HFTokenizer
+
+    model = REPO / "models" / "smollm2-135m-instruct"
+    if not (model / "model.safetensors").exists():
+        pytest.skip("the real model is not installed: run `make smollm2`")
+    monkeypatch.setenv("RLHF_LIT_NATIVE_BF16", native_bf16)
+    H, A = "\n\nHuman: ", "\n\nAssistant: "
+    rows = [
+        {"chosen": f"{H}What do bees make?{A}Bees make honey.", "rejected": f"{H}What do bees make?{A}Cars."},
+        {"chosen": f"{H}What is 2 plus 2?{A}It is 4.", "rejected": f"{H}What is 2 plus 2?{A}It is 5."},
+        {"chosen": f"{H}Name a yellow fruit.{A}A banana.", "rejected": f"{H}Name a yellow fruit.{A}A brick."},
+        {"chosen": f"{H}Capital of France?{A}Paris.", "rejected": f"{H}Capital of France?{A}I like turtles."},
+    ]
+    data = write_jsonl(tmp_path / "hh.jsonl", rows)
+    blend = Blend([SourceSpec("hh_rlhf", path=str(data))], seed=0, split=[0, 1, 0], eval_fraction=0.0)
+    dm = PreferenceDataModule(blend, HFTokenizer(str(model), chat_template="auto"), batch_size=4, max_seq_len=64)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = DPOModule(HFModel(str(model)))
+    module.tokenizer = dm.tokenizer
+    module.configure_model()
+    module.train()
+    with torch.no_grad():
+        loss, _ = module.step(next(iter(dm.train_dataloader())))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-3)
