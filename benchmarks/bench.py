@@ -161,7 +161,7 @@ def summarize(rec: dict) -> dict:
         out["tokens_per_s"] = sum(s["tokens"] for s in steps) / wall
     split = [s["split"] for s in steps if s.get("split")]
     if split:
-        total = {k: sum(x.get(k, 0.0) for x in split) for k in ("generate", "score", "train")}
+        total = {k: sum(x.get(k, 0.0) for x in split) for k in ("generate", "score", "train", "sync")}
         out["split"] = {k: v / max(sum(total.values()), 1e-12) for k, v in total.items()}
     return out
 

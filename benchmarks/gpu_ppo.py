@@ -33,8 +33,12 @@ def main() -> None:
     p.add_argument(
         "--engine",
         default="kv_loop",
-        help="generation engine: kv_loop, or compiled (static cache + compiled decode; on a GPU the per-token "
-        "launch overhead it removes is most of a small batch's decode time, untested on one here)",
+        help="generation engine: kv_loop, compiled (static cache + compiled decode; on a GPU the per-token "
+        "launch overhead it removes is most of a small batch's decode time, untested on one here), or vllm "
+        "(the colocated vLLM engine, `make vllm VLLM=vllm` on a GPU machine)",
+    )
+    p.add_argument(
+        "--vllm-sleep", action="store_true", help="engine vllm: sleep mode between rollouts (frees its KV cache)"
     )
     p.add_argument("--out", default="runs/bench")
     p.add_argument(
@@ -72,6 +76,7 @@ def main() -> None:
         engine=a.engine,
     )
     module, data = build_stage("ppo", actor_w, {}, knobs)
+    module.gen.vllm.sleep = a.vllm_sleep
     log = StepLog()
     trainer = timed_trainer(
         log,

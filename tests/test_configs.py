@@ -134,3 +134,14 @@ def test_recipes_are_addressable_by_name_from_any_directory(tmp_path, monkeypatc
         .splitlines()[-1]
         .startswith("rlhf-lit pipeline: error: sft.config: nowhere.yaml does not exist")
     )
+
+
+def test_the_package_ships_every_recipe_folder():
+    """pyproject's data-files list every folder of configs/ with YAML in it (dpo/ was missing; #28)."""
+    import tomllib
+
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    folders = {p.parent.name for p in (REPO / "configs").glob("*/*.yaml")}
+    assert {k.removeprefix("share/rlhf-lit/configs/") for k in shipped} == folders
+    for key, globs in shipped.items():
+        assert globs == [f"configs/{key.rsplit('/', 1)[1]}/*.yaml"]
