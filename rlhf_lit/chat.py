@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-from rlhf_lit.generation import GenerationConfig, generate_texts
+from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
+from rlhf_lit.vllm_engine import require_vllm
 
 
 def reply(model, tok, history: list[dict], gen: GenerationConfig, max_context: int) -> str:
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-context", type=int, default=512, help="keep at most this many tokens of history")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--engine", default="kv_loop", choices=ENGINES, help="generation engine (vllm: `make vllm` installs it)"
+    )
+    p.add_argument(
         "--chat-template",
         default="auto",
         help="'auto' (the tokenizer's template, else HH text), 'hh', or a Jinja template file",
@@ -53,7 +57,10 @@ def main(argv: list[str]) -> int:
             temperature=a.temperature,
             top_k=a.top_k,
             top_p=a.top_p,
+            engine=a.engine,
         )
+        if a.engine == "vllm":
+            require_vllm()
     except (HubUnavailable, ValueError, OSError, ImportError) as e:
         print(f"rlhf-lit chat: error: {e}", file=sys.stderr)
         return 1

@@ -12,13 +12,14 @@ from typing import Optional
 import torch
 
 from rlhf_lit.chat_format import ChatFormat
-from rlhf_lit.generation import GenerationConfig, generate_texts
+from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts
 from rlhf_lit.hub import HubUnavailable
 from rlhf_lit.models import HFModel, load_scalar_model
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource, score
 from rlhf_lit.rollout import sequence_logprobs
 from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.vllm_engine import require_vllm
 
 
 def load_policy(path: str, chat_template: str = "auto", dtype: str = "float32"):
@@ -153,6 +154,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--engine", default="kv_loop", choices=ENGINES, help="generation engine (vllm: `make vllm` installs it)"
+    )
+    p.add_argument(
         "--chat-template",
         default="auto",
         help="'auto' (the policy tokenizer's template, else HH text), 'hh', or a Jinja template file",
@@ -168,7 +172,9 @@ def main(argv: list[str]) -> int:
             rewards["gold_reward"] = CallableReward(a.gold)
         if not rewards:
             raise ValueError("give --reward-model and/or --gold to score responses")
-        gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature)
+        gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, engine=a.engine)
+        if a.engine == "vllm":
+            require_vllm()
         kw = {"seed": a.seed, "chat_template": a.chat_template, "columns": columns}
         result = {"A": evaluate_policy(a.policy, prompts, rewards, a.reference, gen, **kw)}
         if a.policy_b:

@@ -58,7 +58,11 @@ class VLLMOptions:
 
 
 def require_vllm():
-    """The ``vllm`` package, or a one-line error naming the install command."""
+    """The ``vllm`` package, or a one-line error naming the install command. Its log goes to stderr, warnings
+    only unless ``RLHF_LIT_VERBOSE`` (stdout is for answers: chat, evaluate's JSON)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if os.environ.get("RLHF_LIT_VERBOSE", "").lower() not in ("1", "true", "yes"):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:

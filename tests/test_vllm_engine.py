@@ -198,3 +198,17 @@ def test_three_engine_sampled_steps_train_the_actor_and_log_the_mismatch(estimat
     diffs = [float(r["rollout/logprob_diff_mean"]) for r in rows if r.get("rollout/logprob_diff_mean")]
     assert len(diffs) == 3 and all(0 < d < 0.5 for d in diffs), diffs  # engine vs fp32 trainer: small, not 0
     assert module.engine is None  # closed at the end of the fit
+
+
+@needs_vllm[0]
+@needs_vllm[1]
+def test_chat_answers_through_the_engine(monkeypatch, capsys):
+    import io
+
+    from rlhf_lit.chat import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nquit\n"))
+    code = main(["--model", str(MODEL), "--engine", "vllm", "--greedy", "--max-new-tokens", "12"])
+    out = capsys.readouterr().out.splitlines()
+    assert code in (0, None) and out[0] == "Human: What is the capital of France?"
+    assert out[1].startswith("Assistant:") and "Paris" in out[1], out
