@@ -429,8 +429,8 @@ def native_half(device: torch.device, dtype: torch.dtype) -> bool:
     CPU with avx512_bf16 / AMX for bf16 (:func:`cpu_bf16_native`, forced by ``RLHF_LIT_NATIVE_BF16``). On
     this project's AVX2-only EPYC, one thread, 1024^2: a bf16 ``F.linear`` ran at 9.2 GFLOP/s against 66.7
     in fp32 (a bf16 ``a @ b`` at 0.86), and a SmolLM2 forward+backward took 14.5x longer under bf16
-    autocast. It decides speed only (which benchmark rows run, a warning for emulated bf16 training),
-    never what a model computes: frozen models follow the trainer's precision (:func:`hold_frozen`)."""
+    autocast. It decides speed only (which benchmark rows run, vLLM's ``dtype: auto``), never what a
+    model computes: frozen models follow the trainer's precision (:func:`hold_frozen`)."""
     if device.type == "cuda":
         return dtype == torch.float16 or torch.cuda.is_bf16_supported()
     if device.type == "cpu" and dtype == torch.bfloat16:

@@ -5,6 +5,7 @@ Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``R`` response tokens
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -233,13 +234,11 @@ def make_rollout(
     (``gen.engine == 'vllm'``); its own log-probs are kept as ``engine_logprobs``.
     """
     t0 = time.perf_counter()
-    if engine is not None:  # the engine holds its own copy of the weights (synced by the caller)
-        responses, mask, engine_logprobs = sample(ac.policy, tokenizer, prompt_ids, prompt_mask, gen, engine=engine)
-    else:
-        with gathered(ac.policy.parameters()):  # ZeRO-3: gather the actor once per rollout, not per token
-            responses, mask, engine_logprobs = sample(
-                ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus
-            )
+    # ZeRO-3: gather the actor once per rollout, not per token; an engine holds its own copy (synced by the caller)
+    with contextlib.nullcontext() if engine is not None else gathered(ac.policy.parameters()):
+        responses, mask, engine_logprobs = sample(
+            ac.policy, tokenizer, prompt_ids, prompt_mask, gen, synced_gpus=synced_gpus, engine=engine
+        )
     t1 = time.perf_counter()
     input_ids = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)

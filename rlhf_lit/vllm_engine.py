@@ -99,7 +99,7 @@ def merged_adapters(model: nn.Module):
 def engine_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
     """(name, tensor) pairs in the Hugging Face checkpoint's naming, as the engine loads them: a peft
     model's base names (adapters merged by the caller, their own tensors left out), the tied LM head left
-    out (the engine ties it itself)."""
+    out (the engine's loader skips it; :func:`_retie_head` refreshes it after a reload)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     out = []
@@ -157,8 +157,8 @@ class VLLMEngine:
         workdir = tempfile.mkdtemp(prefix="rlhf-lit-vllm-")
         try:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            with merged_adapters(model):
-                base.save_pretrained(workdir, safe_serialization=True)
+            with merged_adapters(model):  # the same tensors and names a sync sends (no LoRA wrappers' names)
+                base.save_pretrained(workdir, state_dict=dict(engine_weights(model)), safe_serialization=True)
             tokenizer.save_pretrained(workdir)
             positions = getattr(base.config, "max_position_embeddings", None) or max_len
             kw = dict(

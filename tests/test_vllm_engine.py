@@ -223,3 +223,52 @@ def test_chat_answers_through_the_engine(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert code in (0, None) and out[0] == "Human: What is the capital of France?"
     assert out[1].startswith("Assistant:") and "Paris" in out[1], out
+
+
+def test_engine_weights_of_a_lora_actor_are_the_merged_plain_checkpoint(tok):
+    """What the engine loads (at build and every sync): the plain model's names and the merged weights, no
+    adapter tensors; the tied LM head left out."""
+    from rlhf_lit.models import LoRA, TinyModel, apply_lora
+    from rlhf_lit.vllm_engine import engine_weights, merged_adapters
+
+    spec = TinyModel(family="llama", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64)
+    plain = spec.build_causal_lm(tok)
+    lora = apply_lora(spec.build_causal_lm(tok), LoRA(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the weights
+    with merged_adapters(lora):  # the tensors are the base weights themselves: copied while merged
+        merged = {k: v.clone() for k, v in engine_weights(lora)}
+    want = dict(engine_weights(plain))
+    assert merged.keys() == want.keys() and not any("lora" in k for k in merged)
+    assert ("lm_head.weight" in want) is not bool(plain.config.tie_word_embeddings)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], want[q])  # the adapters' delta is in
+    # unmerged again outside the block (peft's subtraction leaves float rounding in the frozen base)
+    torch.testing.assert_close(dict(engine_weights(lora))[q], want[q], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@needs_vllm[0]
+@needs_vllm[1]
+def test_engine_built_from_a_lora_actor_computes_the_merged_model():
+    """The engine's first copy is written from the merged weights under their plain names (a LoRA model's own
+    save would carry base_layer/lora tensors the engine cannot load)."""
+    from rlhf_lit.models import LoRA, apply_lora
+    from rlhf_lit.vllm_engine import VLLMEngine, VLLMOptions
+
+    model, tok = smollm2()
+    lora = apply_lora(model, LoRA(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    engine = VLLMEngine.from_model(lora, tok, VLLMOptions(dtype="float32"), seed=0)
+    try:
+        theirs, mask, engine_lp = greedy(lora, tok, engine)
+        ours, _, _ = greedy(lora, tok)
+        assert torch.equal(theirs, ours)
+        assert mismatch(lora, tok, theirs, mask, engine_lp) < 1e-3
+    finally:
+        engine.close()
