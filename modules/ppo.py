@@ -3,6 +3,7 @@ an EMA of the actor and optional pretraining-loss mixing (InstructGPT; DeepSpeed
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -13,6 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit import losses, ppo
+from rlhf_lit.errors import InputError
 from rlhf_lit.estimators import GAE, AdvantageEstimator
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL, KLController
@@ -103,6 +105,11 @@ class PPOModule(StageModule):
         super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters(ignore=["reward", "monitor"])
         self.automatic_optimization = False
+        if lora is not None and reference is not None:  # TRL refuses the pair too: the spec would be ignored
+            raise InputError(
+                "model.init_args.reference: with lora the reference is the actor with its adapters disabled; "
+                "remove reference, or lora to train against another reference"
+            )
         self.actor_spec, self.critic_spec, self.ref_spec = actor, critic, reference or actor
         self.reward, self.lora, self.critic_lora, self.monitor = reward, lora, critic_lora, monitor
         self.kl = kl or FixedKL(0.05)
@@ -230,7 +237,7 @@ class PPOModule(StageModule):
 
     def rewards(self, ro: Rollout):
         """Clipped (eos- and overlong-penalised) scores plus the per-token KL penalty (none when the KL is
-        in the loss). Returns (B, R) and stats (no KL stats without a reference)."""
+        in the loss). Returns (B, R), stats (no KL stats without a reference) and the (B,) scores."""
         a, scores = self.algo, penalised_scores(ro, self.algo, self.gen.max_new_tokens)
         ref = ro.ref_logprobs if ro.ref_logprobs is not None else ro.logprobs
         coef = 0.0 if a.kl_in_loss else self.kl.value
@@ -239,11 +246,12 @@ class PPOModule(StageModule):
             stats = {"rlhf_reward": stats["rlhf_reward"]}
         if self.algo.whiten_rewards:
             rewards = ppo.whiten(rewards, ro.mask, shift_mean=False, sum_fn=self.sum_over_ranks)
-        return rewards, stats
+        return rewards, stats, scores
 
-    def advantages(self, rewards, values, mask):
+    def advantages(self, rewards, values, mask, scores=None):
         """The estimator's advantages and returns (B, R); GAE's whitened over the batch's tokens."""
-        adv, ret = self.advantage(rewards, values, mask)
+        takes = "scores" in inspect.signature(self.advantage.__call__).parameters  # estimators written before it
+        adv, ret = self.advantage(rewards, values, mask, **({"scores": scores} if takes else {}))
         if self.algo.whiten_advantages and self.advantage.token_whitening:
             adv = ppo.whiten(adv, mask, sum_fn=self.sum_over_ranks)
         return adv, ret
@@ -299,8 +307,8 @@ class PPOModule(StageModule):
             out = self.ac(ro.input_ids, ro.attention_mask, ro.prompt_len, self.gen.temperature)
             ro.logprobs, ro.entropy = out[0].detach(), out[1].detach()
             ro.values = out[2].detach() if out[2] is not None else None
-        rewards, kl_stats = self.rewards(ro)
-        adv, ret = self.advantages(rewards, ro.values, ro.mask)
+        rewards, kl_stats, scores = self.rewards(ro)
+        adv, ret = self.advantages(rewards, ro.values, ro.mask, scores)
         tis, engine_stats = self.engine_mismatch(ro)
 
         opt, sched, n = self.optimizers(), self.lr_schedulers(), ro.mask.size(0)
@@ -385,7 +393,7 @@ class PPOModule(StageModule):
             logs["reward/truncated_rows"] = float(self.reward.truncated)
         if self.monitor is not None:
             logs["objective/monitor_scores"] = score(
-                self.monitor, ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns
+                self.monitor, ro.prompts, ro.responses, ro.input_ids, ro.attention_mask, ro.columns, ro.ended
             ).mean()
         self.log_dict(logs, prog_bar=False, batch_size=ro.mask.size(0))
         self.log("objective/scores_pb", ro.scores.mean(), prog_bar=True, logger=False)

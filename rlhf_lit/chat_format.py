@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from rlhf_lit.errors import InputError
 
@@ -128,13 +128,28 @@ class ChatFormat:
         ids = self.tok([self.prompt_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
         return [self.bos + x for x in ids]
 
-    def response_ids(self, responses: list[str]) -> list[list[int]]:
-        """Token ids of each response followed by the end-of-turn token (eos in HH mode). In template mode
-        the leading space HH responses carry is dropped (the template puts the reply on its own line)."""
+    def response_ids(self, responses: list[str], ended: Optional[list[bool]] = None) -> list[list[int]]:
+        """Token ids of each response followed by the end-of-turn token (eos in HH mode), except where
+        ``ended`` says the reply was cut (at max_new_tokens) before its stop token. In template mode the
+        leading space HH responses carry is dropped (the template puts the reply on its own line)."""
         if not responses:
             return []
         texts = [r.lstrip() for r in responses] if self.template else responses
-        return [x + [self.end_of_turn] for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        ended = [True] * len(texts) if ended is None else ended
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [x + [self.end_of_turn] if e else x for x, e in zip(ids, ended)]
+
+    def header_len(self, prompt: Prompt) -> int:
+        """How many leading tokens of ``prompt_ids([prompt])[0]`` come before the first message's content:
+        BOS, a template's system block and first role header (``<|im_start|>user\n``), HH's ``Human:``.
+        What a cut of a too-long conversation keeps from its start."""
+        text, messages = self.prompt_text(prompt), to_messages(prompt)
+        first = next((m["content"] for m in messages if m["content"].strip()), "")
+        at = text.find(first.strip()) if first.strip() else -1
+        if at <= 0:
+            return len(self.bos)
+        offsets = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return len(self.bos) + sum(1 for _, end in offsets if end <= at)
 
     def conversation_ids(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """A whole conversation and a loss mask that is 1 on every assistant turn's tokens (and the

@@ -35,6 +35,11 @@ class DPOConfig:
             raise ValueError(f"loss_type must be one of {losses.DPO_LOSSES}, got {self.loss_type!r}")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {self.beta}, {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(
+                f"loss.label_smoothing {self.label_smoothing} applies to loss_type sigmoid (conservative DPO) "
+                f"only; {self.loss_type} would ignore it"
+            )
 
     @property
     def needs_reference(self) -> bool:

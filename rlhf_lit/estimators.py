@@ -19,8 +19,12 @@ class AdvantageEstimator:
     samples_per_prompt: int = 1
     token_whitening: bool = True
 
-    def __call__(self, rewards: Tensor, values: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """rewards, values, mask: (B, T). Returns (advantages, returns), both (B, T)."""
+    def __call__(
+        self, rewards: Tensor, values: Tensor | None, mask: Tensor, scores: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """rewards, values, mask: (B, T): shaped per-token rewards (the score at the last token plus any
+        per-token KL penalty); scores: (B,) the sequence scores before KL shaping (given by the PPO module
+        to estimators whose ``__call__`` takes it). Returns (advantages, returns), both (B, T)."""
         raise NotImplementedError
 
 
@@ -36,7 +40,7 @@ class GAE(AdvantageEstimator):
             raise ValueError(f"GAE needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
         self.gamma, self.lam = gamma, lam
 
-    def __call__(self, rewards, values, mask):
+    def __call__(self, rewards, values, mask, scores=None):
         return ppo.gae(rewards, values, mask, self.gamma, self.lam)
 
 
@@ -66,7 +70,7 @@ class GroupBaseline(AdvantageEstimator):
             raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
         self.baseline, self.samples_per_prompt = baseline, samples_per_prompt
 
-    def __call__(self, rewards, values, mask):
+    def __call__(self, rewards, values, mask, scores=None):
         adv = ppo.group_advantages((rewards * mask).sum(-1), self.samples_per_prompt, self.baseline)
         adv = adv.unsqueeze(-1) * mask
         return adv, adv
@@ -107,8 +111,8 @@ class REINFORCEPP(AdvantageEstimator):
     """REINFORCE++ (Hu 2025): no critic; every token's advantage is its return (the score at the last
     token plus the per-token KL penalties after it), then normalised over the global batch's tokens
     (``algo.whiten_advantages``, on by default). One sample per prompt by default; with
-    ``samples_per_prompt`` > 1 and ``group_baseline`` the group's mean score is subtracted first
-    (REINFORCE++-baseline)."""
+    ``samples_per_prompt`` > 1 and ``group_baseline`` the group's mean score (before the KL penalties, as
+    OpenRLHF's ``reinforce_baseline``) is subtracted from each score first (REINFORCE++-baseline)."""
 
     needs_critic = False
 
@@ -116,7 +120,7 @@ class REINFORCEPP(AdvantageEstimator):
         """Args:
         gamma: discount over response tokens.
         samples_per_prompt: completions sampled for each prompt.
-        group_baseline: subtract each group's mean sequence reward (needs samples_per_prompt >= 2).
+        group_baseline: subtract each group's mean score (needs samples_per_prompt >= 2).
         """
         if not 0 <= gamma <= 1:
             raise ValueError(f"REINFORCEPP needs gamma in [0, 1], got {gamma}")
@@ -124,10 +128,11 @@ class REINFORCEPP(AdvantageEstimator):
             raise ValueError(f"samples_per_prompt must be >= 1 (>= 2 with group_baseline), got {samples_per_prompt}")
         self.gamma, self.samples_per_prompt, self.group_baseline = gamma, samples_per_prompt, group_baseline
 
-    def __call__(self, rewards, values, mask):
-        if self.group_baseline:  # the group mean of the summed rewards, taken off at the last token
-            seq = (rewards * mask).sum(-1)
-            base = seq - ppo.group_advantages(seq, self.samples_per_prompt, "mean")
+    def __call__(self, rewards, values, mask, scores=None):
+        if self.group_baseline:  # the group mean of the scores, taken off at the last token
+            if scores is None:
+                raise ValueError("REINFORCEPP(group_baseline=True) needs the sequence scores (scores=)")
+            base = scores - ppo.group_advantages(scores, self.samples_per_prompt, "mean")
             rewards = rewards.clone()
             last = mask.sum(-1).long().clamp(min=1) - 1
             rewards[torch.arange(rewards.size(0)), last] -= base

@@ -12,12 +12,12 @@ from typing import Optional
 import torch
 
 from rlhf_lit.chat_format import ChatFormat
-from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts
+from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts, stop_ids
 from rlhf_lit.hub import HubUnavailable
 from rlhf_lit.models import HFModel, load_scalar_model
 from rlhf_lit.ops import pad_sequences
 from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource, score
-from rlhf_lit.rollout import sequence_logprobs
+from rlhf_lit.rollout import ended_with_stop, sequence_logprobs
 from rlhf_lit.tokenizer import HFTokenizer
 from rlhf_lit.vllm_engine import require_vllm
 
@@ -65,10 +65,11 @@ def evaluate_policy(
     for name, source in rewards.items():
         source.build(tok)
         scores = []
-        for i, (ids, mask, _, _) in enumerate(batches):
+        for i, (ids, mask, p, resp_mask) in enumerate(batches):
             chunk, resp = prompts[i * batch_size : (i + 1) * batch_size], texts[i * batch_size : (i + 1) * batch_size]
             cols = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in (columns or {}).items()}
-            scores += score(source, chunk, resp, ids, mask, cols).tolist()
+            ended = ended_with_stop(ids[:, p:], resp_mask, stop_ids(tok, gen))
+            scores += score(source, chunk, resp, ids, mask, cols, ended).tolist()
         out[f"{name}_mean"], out[f"{name}_std"] = statistics.mean(scores), statistics.pstdev(scores)
         out[f"{name}_scores"] = scores
     if reference:

@@ -136,9 +136,18 @@ def reuse_stages(base_run: Path, run: Path, keep: list[str], sections: list[str]
         (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k in sections}, indent=2))
 
 
-def run_pipeline(cfg: dict, run_dir: Path, seed: int) -> dict:
+SEED_VARIES = ("blend", "training")
+
+
+def run_pipeline(cfg: dict, run_dir: Path, seed: int, varies: tuple = ("blend",)) -> dict:
+    """Run one seed of a pipeline config. ``varies`` says what the seed changes: ``blend`` adds it to the
+    blend's seed (another split and order of the rows, other held-out prompts), ``training`` sets every
+    stage's ``seed_everything`` to it (initialisation, dropout, sampling; the same rows and held-out set)."""
     cfg = deep_merge(cfg, {"run_dir": str(run_dir)})
-    cfg["blend"] = deep_merge(cfg["blend"], {"seed": cfg["blend"].get("seed", 0) + seed})
+    if "blend" in varies:
+        cfg["blend"] = deep_merge(cfg["blend"], {"seed": cfg["blend"].get("seed", 0) + seed})
+    if "training" in varies:
+        cfg["stages"] = [deep_merge(s, {"overrides": {"seed_everything": seed}}) for s in cfg["stages"]]
     tok = cfg.get("tokenizer", {}).get("init_args", {})
     if "save_dir" in tok:
         tok["save_dir"] = str(run_dir / "tokenizer")
@@ -190,9 +199,12 @@ def run_study(
         questions["base"] = spec["base_question"]
     rows: dict[str, list[dict]] = {"base": []}
     logger = spec.get("logger")
+    varies = tuple(spec.get("seed_varies", ["blend"]))
+    if not varies or set(varies) - set(SEED_VARIES):
+        raise ValueError(f"seed_varies: give some of {', '.join(SEED_VARIES)}; got {list(varies)}")
     for seed in seeds:
         base_run = out / "base" / f"seed{seed}"
-        rows["base"].append(run_pipeline(with_logger(base, logger, "base", seed), base_run, seed))
+        rows["base"].append(run_pipeline(with_logger(base, logger, "base", seed), base_run, seed, varies))
         for name, folder, f in experiments:
             run = out / name.replace("/", "__") / f"seed{seed}"
             overlay = resolve_pipeline_paths(yaml.safe_load(f.read_text()) or {}, f.resolve().parent)
@@ -200,11 +212,13 @@ def run_study(
             keep = shared_stages(base, cfg)
             sections = keep + [n for s in base["stages"] if s["name"] in keep for n in (s.get("policies") or {})]
             reuse_stages(base_run, run, keep, sections)
-            rows.setdefault(name, []).append(run_pipeline(with_logger(cfg, logger, name, seed), run, seed))
+            rows.setdefault(name, []).append(run_pipeline(with_logger(cfg, logger, name, seed), run, seed, varies))
     publish = Path(spec["results"]) if spec.get("results") else None
     if only and publish is not None and (publish / "results.json").exists():
         # --only re-runs some rows: the others are kept from the committed results, in their order
         kept = json.loads((publish / "results.json").read_text())
+        if "base" in kept and "base" not in only:  # the base ran for reuse only: its committed row stands
+            rows.pop("base")
         rows = {**kept, **rows}
         questions = {**{n: question(f) for n, _, f in experiment_files(study, order)}, **questions}
     table = compare(rows, questions, [tuple(c) for c in spec["columns"]] if spec.get("columns") else None)
@@ -244,7 +258,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("study", help="study directory with study.yaml, e.g. experiments/gold_task")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
     p.add_argument("--out", help="output directory (default: the study's, or runs/studies/<name>)")
-    p.add_argument("--only", nargs="+", help="run only these experiments (e.g. ppo/kl_fixed_0.2)")
+    p.add_argument(
+        "--only", nargs="+", help="run only these experiments (e.g. ppo/kl_fixed_0.2; base: the base recipe alone)"
+    )
     a = p.parse_args(argv)
     study = Path(a.study)
     if not (study / "study.yaml").exists():

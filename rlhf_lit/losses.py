@@ -106,11 +106,14 @@ def preference_loss(
     - ``orpo``: reference-free, the chosen NLL (length-averaged) + orpo_lambda * -log sigmoid(log odds ratio)
       of the length-averaged probabilities (Hong et al. 2024).
 
-    Stats: the implicit rewards beta * (pi - ref) (beta * avg pi without a reference), their accuracy and
-    margin, and the log-probs.
+    Stats: the implicit rewards beta * (pi - ref) (length-averaged for IPO, as it optimises them; beta * avg pi
+    without a reference), their accuracy and margin, and the log-probs. ``label_smoothing`` with any loss but
+    sigmoid is an error (it would be ignored).
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"unknown preference loss {loss_type!r}; choose one of {DPO_LOSSES}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss (conservative DPO) only, not {loss_type!r}")
     pc, pr = policy_chosen.float(), policy_rejected.float()
     cl, rl = chosen_len.float().clamp(min=1), rejected_len.float().clamp(min=1)
     if loss_type in ("sigmoid", "ipo"):
@@ -120,10 +123,11 @@ def preference_loss(
         if loss_type == "sigmoid":
             h = beta * ((pc - rc) - (pr - rr))
             loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-        else:
+            chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+        else:  # the stats report the length-averaged log-ratios IPO optimises, not the summed ones (audit #27)
             h = (pc - rc) / cl - (pr - rr) / rl
             loss = (h - 1 / (2 * beta)) ** 2
-        chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+            chosen_reward, rejected_reward = beta * (pc - rc) / cl, beta * (pr - rr) / rl
     else:
         avg_c, avg_r = pc / cl, pr / rl
         if loss_type == "simpo":

@@ -524,8 +524,29 @@ def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> di
 
 
 # Config fields by which a family's causal-LM forward changes the logits after the LM head (Gemma 2's
-# soft-capping, Cohere's logit_scale, Granite's logits_scaling): such models give their logits whole.
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling). Kept beside the probe below because a
+# soft-cap is invisible on small logits (tanh(x/30)*30 ~ x): a random tiny model would pass the probe.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_PLAIN_HEAD = "_rlhf_lit_plain_head"  # the probe's verdict, kept on the base model
+
+
+@torch.no_grad()
+def _head_gives_the_logits(base: nn.Module, head: nn.Module) -> bool:
+    """Whether ``head(last hidden state)`` equals the model's own logits on a few tokens, in eval mode. A
+    family that transforms logits after the head under a name nobody listed (Falcon-H1's
+    ``lm_head_multiplier``, 0.039 in published configs: log-probs 0.33 nats off, audit #27) fails it."""
+    modes = [(m, m.training) for m in base.modules()]
+    base.eval()
+    try:
+        vocab = base.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 9, device=head.weight.device) % vocab).unsqueeze(0)
+        kw = lm_inputs(base, ids, torch.ones_like(ids))
+        logits = base(**kw, use_cache=False).logits.float()
+        mine = head(base.base_model(**kw, use_cache=False).last_hidden_state).float()
+        return mine.shape == logits.shape and torch.allclose(mine, logits, rtol=1e-3, atol=1e-5)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def lm_hidden(model: nn.Module, **inputs) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -533,12 +554,18 @@ def lm_hidden(model: nn.Module, **inputs) -> tuple[Tensor, Callable[[Tensor], Te
     positions they need, in chunks (:func:`rlhf_lit.ops.chunked_logprobs`): a (B, T, V) logits tensor is
     never made. ``head(lm_hidden(...)[0])`` equals ``model(...).logits`` (tested for every tiny family).
     A peft model's adapters stay in the path (it wraps the same modules). Families whose forward
-    transforms the logits after the head give (logits, identity) instead: same results, more memory."""
+    transforms the logits after the head give (logits, identity) instead: same results, more memory. Which
+    ones is read from the config's known fields and, for any other family, checked once per model by
+    :func:`_head_gives_the_logits` at its first call."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head, cfg = base.get_output_embeddings(), base.config
-    plain = isinstance(head, nn.Linear) and not any(
-        getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS
-    )
+    plain = getattr(base, _PLAIN_HEAD, None)
+    if plain is None:
+        plain = isinstance(head, nn.Linear) and not any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS
+        )
+        plain = plain and _head_gives_the_logits(base, head)
+        object.__setattr__(base, _PLAIN_HEAD, plain)
     if not plain:
         return model(**inputs, use_cache=False).logits, nn.Identity()
     return base.base_model(**inputs, use_cache=False).last_hidden_state, head

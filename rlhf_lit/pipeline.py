@@ -66,6 +66,9 @@ class EvalPlan:
     """the policy the others are compared with (KL reference, win rate); default: the first policy"""
     prompts_from: Optional[str] = None
     """the stage whose held-out records give the prompts (default: the last stage)"""
+    models: dict = field(default_factory=dict)
+    """policies no stage trains, evaluated beside the stages' exports: name -> model folder or hub name
+    (e.g. {start: models/smollm2-135m-instruct}, the checkpoint an RL stage starts from without SFT)"""
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -146,6 +149,10 @@ class Pipeline:
         )
         self.checkpoint_every = checkpoint_every_n_steps
         self.evaluation = evaluation or EvalPlan()
+        named = {p.name for p in self.stages} | {n for p in self.stages for n in p.policies}
+        clash = set(self.evaluation.models) & named
+        if clash:
+            raise InputError(f"evaluation.models: {', '.join(sorted(clash))} already names a stage or a stage's policy")
         self.summary_path = self.run_dir / "summary.json"
         self.summary: dict = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
 
@@ -226,7 +233,7 @@ class Pipeline:
         cli = lightning_cli(args)
         wall = spent + time.time() - t0
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-        self.record(stage, {"wall_s": round(wall, 1), "final_metrics": metrics})
+        self.record(stage, {"wall_s": round(wall, 1), "steps": cli.trainer.global_step, "final_metrics": metrics})
         if "val/loss" in metrics:
             self.record(stage, {"eval_loss": metrics["val/loss"]})
         (d / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -250,14 +257,19 @@ class Pipeline:
         return cli.datamodule.eval_records
 
     def done_stamp(self, export: str) -> str:
-        """The DONE stamp of the stage that wrote an export folder (changes when the stage re-runs)."""
+        """The DONE stamp of the stage that wrote an export folder (changes when the stage re-runs); a model
+        of ``evaluation.models`` (not written here) is known by its path."""
+        if not Path(export).is_relative_to(self.run_dir):
+            return f"model {export}"
         stage = Path(export).relative_to(self.run_dir).parts[0]
         done = self.run_dir / stage / "DONE"
         return done.read_text().strip() if done.exists() else ""
 
     def policies(self) -> dict[str, str]:
-        """Summary section -> export folder of every policy the stages declare, in stage order."""
-        return {name: self.export(p.name, sub) for p in self.stages for name, sub in p.policies.items()}
+        """Summary section -> folder of every policy: ``evaluation.models`` first, then the exports the
+        stages declare, in stage order."""
+        staged = {name: self.export(p.name, sub) for p in self.stages for name, sub in p.policies.items()}
+        return {**self.evaluation.models, **staged}
 
     def evaluate(self) -> None:
         from rlhf_lit.evaluate import evaluate_policy, reward_accuracy, win_rate
@@ -272,7 +284,7 @@ class Pipeline:
             rewards["rm_score"] = ModelReward(self.export(plan.name), normalize=False)  # the last one judges
         if ev.gold:
             rewards["gold_reward"] = CallableReward(ev.gold)
-        policies = {k: v for k, v in self.policies().items() if Path(v).exists()}
+        policies = {k: v for k, v in self.policies().items() if Path(v).exists() or k in ev.models}
         if not policies:
             return
         records = self.heldout(ev.prompts_from or self.stages[-1].name)[: ev.prompts]

@@ -106,8 +106,9 @@ def group_advantages(scores: Tensor, group_size: int, baseline: str = "grpo", ep
 
 def varied_groups(scores: Tensor, group_size: int) -> Tensor:
     """(B,) scores -> (B,) bool: True for every row of a group whose scores are not all equal. A group
-    with equal scores has zero group advantage, no gradient: DAPO's dynamic sampling drops it (Yu et al.
-    2025)."""
+    with equal scores has zero group advantage from its scores: DAPO's dynamic sampling drops it (Yu et al.
+    2025, who filter on accuracy). With a KL penalty in the reward its rows' advantages still differ by
+    their penalties, so a dropped group did carry that (small) gradient."""
     s = scores.float().view(-1, group_size)
     return (s.amax(-1) > s.amin(-1)).repeat_interleave(group_size)
 
@@ -144,15 +145,18 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", norm: float | N
     then the mean over sequences (GRPO's paper: a token of a short response weighs more).
     ``seq_mean_token_sum_norm``: each sequence's token sum / ``norm`` (a constant, e.g. max_new_tokens),
     mean over sequences (Dr. GRPO, Liu et al. 2025: no length bias from the normaliser).
+    The sequence means count only sequences with a valid token: a row masked out whole (DAPO's overlong
+    filter) is out of the loss, not a zero that shrinks it by the filtered share (audit #27).
     """
     if mode == "token_mean":
         return masked_mean(x, mask)
+    rows = (mask.sum(-1) > 0).to(x.dtype)
     if mode == "seq_mean_token_mean":
-        return masked_mean(x, mask, dim=-1).mean()
+        return (masked_mean(x, mask, dim=-1) * rows).sum() / rows.sum().clamp(min=1)
     if mode == "seq_mean_token_sum_norm":
         if not norm or norm <= 0:
             raise ValueError("seq_mean_token_sum_norm needs a positive constant norm (e.g. max_new_tokens)")
-        return ((x * mask).sum(-1) / norm).mean()
+        return ((x * mask).sum(-1) / norm * rows).sum() / rows.sum().clamp(min=1)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
 
 

@@ -85,6 +85,9 @@ def resolve_pipeline_paths(cfg: dict, base: Path) -> dict:
     init = (cfg.get("tokenizer") or {}).get("init_args") or {}
     if "path" in init:
         init["path"] = beside(init["path"], base)
+    models = (cfg.get("evaluation") or {}).get("models") or {}
+    for name, path in models.items():
+        models[name] = beside(path, base)
     return cfg
 
 

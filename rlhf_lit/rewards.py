@@ -47,12 +47,15 @@ class RewardSource(nn.Module):
         raise NotImplementedError
 
 
-def score(source, prompts, responses, input_ids, attention_mask, columns: Optional[dict] = None) -> Tensor:
+def score(source, prompts, responses, input_ids, attention_mask, columns: Optional[dict] = None, ended=None) -> Tensor:
     """``source``'s scores, passing ``columns`` only when there are some: a reward source written before
-    columns existed (``forward(prompts, responses, input_ids, attention_mask)``) keeps working."""
+    columns existed (``forward(prompts, responses, input_ids, attention_mask)``) keeps working. ``ended``
+    ((B,) bool: the reply stopped at a stop token, not at max_new_tokens) reaches sources whose forward
+    takes it (a reward model re-rendering the reply appends the end-of-turn token only to ended ones)."""
+    kw = {"ended": ended} if ended is not None and "ended" in inspect.signature(source.forward).parameters else {}
     if columns:
-        return source(prompts, responses, input_ids, attention_mask, columns)
-    return source(prompts, responses, input_ids, attention_mask)
+        return source(prompts, responses, input_ids, attention_mask, columns, **kw)
+    return source(prompts, responses, input_ids, attention_mask, **kw)
 
 
 FORMATS = ("auto", "rlhf_lit", "sequence_classification", "causal")
@@ -75,7 +78,7 @@ class ModelReward(RewardSource):
 
     When the reward model's tokenizer differs from the actor's (vocabulary, special tokens or chat
     template), the conversation is rendered its own way (prompt and response as messages through its
-    template, else HH text) and re-tokenised, cut from the left to ``max_length`` tokens."""
+    template, else HH text) and re-tokenised, cut in the middle to ``max_length`` tokens."""
 
     def __init__(
         self,
@@ -96,7 +99,8 @@ class ModelReward(RewardSource):
             for wiring tests and critic init, not a meaningful reward).
         chat_template: how this model's tokenizer renders conversations ('auto', 'hh' or a Jinja file).
         max_length: longest sequence scored when re-tokenising (default: the model's position limit);
-            longer ones lose tokens from the left, counted in ``truncated`` (logged as reward/truncated_rows).
+            longer ones lose tokens after their header (the oldest turns; BOS and the template's system block
+            and first role header stay), counted in ``truncated`` (logged as reward/truncated_rows).
         stats_rollouts: with normalize and no saved statistics, estimate mean/std from the scores of the
             first N calls (rollout batches; running estimates meanwhile), then keep them fixed.
         """
@@ -130,18 +134,29 @@ class ModelReward(RewardSource):
                 "set normalize: false, or stats_rollouts: N to estimate them on the first N rollouts"
             )
 
-    def encode(self, prompts: list, responses: list[str], device) -> tuple[Tensor, Tensor]:
-        """The texts rendered and tokenised the reward model's way, cut from the left to max_length."""
+    def encode(self, prompts: list, responses: list[str], device, ended=None) -> tuple[Tensor, Tensor]:
+        """The texts rendered and tokenised the reward model's way (the end-of-turn token only after replies
+        that ``ended``, as the actor's own tokens have it), a too-long one cut in the middle: its start
+        (BOS, system block, first role header) and its end (the latest turns and the reply) are kept."""
         fmt = ChatFormat(self.tokenizer)
-        ids = [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses))]
-        self.truncated += sum(len(x) > self.max_length for x in ids)
-        ids, mask = pad_sequences([x[-self.max_length :] for x in ids], self.tokenizer.pad_token_id)
+        if not fmt.template:  # an HH reward model always saw "Assistant: reply" (a template actor's has no space)
+            responses = [r if not r or r[:1].isspace() else " " + r for r in responses]
+        ended = None if ended is None else [bool(e) for e in ended]
+        out, whole = [], [p + r for p, r in zip(fmt.prompt_ids(prompts), fmt.response_ids(responses, ended))]
+        for prompt, x in zip(prompts, whole):
+            if len(x) > self.max_length:
+                self.truncated += 1
+                keep = min(fmt.header_len(prompt), self.max_length // 2)
+                x = x[:keep] + x[len(x) - (self.max_length - keep) :]
+            out.append(x)
+        ids, mask = pad_sequences(out, self.tokenizer.pad_token_id)
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None, ended=None):
+        """``ended``: (B,) bool, whether each reply stopped at a stop token (None: all did)."""
         if not self.same_tokenizer:
-            input_ids, attention_mask = self.encode(prompts, responses, input_ids.device)
+            input_ids, attention_mask = self.encode(prompts, responses, input_ids.device, ended)
         scores = self.model.score(input_ids, attention_mask)
         if self.normalize:
             mean, std = self.statistics(scores)
@@ -306,8 +321,8 @@ class SumReward(RewardSource):
         for s in self.sources:
             s.build(tokenizer)
 
-    def forward(self, prompts, responses, input_ids, attention_mask, columns=None):
+    def forward(self, prompts, responses, input_ids, attention_mask, columns=None, ended=None):
         return sum(
-            w * score(s, prompts, responses, input_ids, attention_mask, columns)
+            w * score(s, prompts, responses, input_ids, attention_mask, columns, ended)
             for w, s in zip(self.weights, self.sources)
         )

@@ -40,8 +40,9 @@ class PPOConfig:
     the estimator then defaults to GRPO's k3) instead of in the reward; the rollout's KL is still measured
     and logged"""
     dynamic_sampling: bool = False
-    """group estimators: drop groups whose scores are all equal (no gradient) and keep sampling batches
-    until one full batch of informative groups is ready (DAPO); the excess is dropped"""
+    """group estimators: drop groups whose scores are all equal (no signal from the scores; a KL penalty in
+    the reward would still differ between their rows, as in DAPO, which filters on accuracy) and keep
+    sampling batches until one full batch of informative groups is ready (DAPO); the excess is dropped"""
     overlong_filter: bool = False
     """leave responses cut at max_new_tokens without a stop token out of the loss (DAPO)"""
     overlong_buffer: Optional[int] = None
@@ -246,7 +247,7 @@ def make_rollout(
     stops = stop_ids(tokenizer, gen)
     ended = ended_with_stop(responses, mask, stops)
     texts = decode(tokenizer, responses, mask, stops)
-    scores = score(reward, prompts, texts, input_ids, attention_mask, columns).float()
+    scores = score(reward, prompts, texts, input_ids, attention_mask, columns, ended).float()
     logprobs = entropy = values = ref_logprobs = None
     # Experience is scored in eval mode (DeepSpeed-Chat, OpenRLHF): with dropout active the old
     # log-probs and values would be noisy, and KL to an identical reference would not be 0 (#13).
@@ -382,8 +383,9 @@ def rollout_metrics(ro: Rollout, kl_stats: dict, per_step: list[dict], skipped: 
 
 
 class InformativeBuffer:
-    """DAPO's dynamic sampling (Yu et al. 2025): groups whose scores are all equal carry no gradient and
-    are dropped; the others wait here until a full batch is ready. Only valid while the policy does not
+    """DAPO's dynamic sampling (Yu et al. 2025): groups whose scores are all equal carry no signal from
+    their scores and are dropped (filtered on the scores before any KL penalty, as DAPO filters on
+    accuracy); the others wait here until a full batch is ready. Only valid while the policy does not
     change, which holds because no update happens until then."""
 
     def __init__(self, group_size: int, pad_id: int) -> None:

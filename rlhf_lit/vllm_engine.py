@@ -134,8 +134,11 @@ class VLLMEngine:
     loads, deleted on :meth:`close`); :meth:`sync` pushes new weights; :meth:`generate` samples.
     """
 
-    def __init__(self, llm, workdir: Optional[str], opts: VLLMOptions, on_gpu: bool):
+    def __init__(
+        self, llm, workdir: Optional[str], opts: VLLMOptions, on_gpu: bool, dtype: torch.dtype = torch.float32
+    ):
         self.llm, self.workdir, self.opts, self.on_gpu = llm, workdir, opts, on_gpu
+        self.dtype = dtype  # the engine's weights: syncs send this dtype (no cast, and no warning, per tensor)
         self.sync_s = 0.0  # seconds of the last weight sync
         self.asleep = False
 
@@ -177,7 +180,7 @@ class VLLMEngine:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return cls(llm, workdir, opts, on_gpu)
+        return cls(llm, workdir, opts, on_gpu, getattr(torch, kw["dtype"]))
 
     @torch.no_grad()
     def sync(self, model: nn.Module) -> float:
@@ -188,7 +191,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.wake()
         with gathered(model.parameters()), merged_adapters(model):
-            weights = engine_weights(model)
+            weights = [(n, t.to(self.dtype) if t.is_floating_point() else t) for n, t in engine_weights(model)]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(base.config, "tie_word_embeddings", False):

@@ -91,7 +91,10 @@ def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp
 
     monkeypatch.chdir(tmp_path)  # another directory: paths in the YAML are looked up beside it
     pipe = from_args(["--config", str(path), f"--run_dir={tmp_path}"])
-    assert pipe.stages[0].policies and any(p.policies for p in pipe.stages[1:])  # a start and a trained policy
+    # a start policy (the first stage's export, or a checkpoint of evaluation.models) and a trained one
+    assert (pipe.stages[0].policies or pipe.evaluation.models) and any(
+        p.policies for p in pipe.stages[1:] or pipe.stages
+    )
     for stage in pipe.plans:
         assert Path(pipe.plans[stage].config).is_file()
         cfg = pipe.stage_config(stage)

@@ -32,8 +32,21 @@ def test_dpo_losses_hand_computed():
     loss, _ = losses.preference_loss(pc, pr, rc, rr, n2, n4, "sigmoid", beta=0.1, label_smoothing=0.2)
     assert loss.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.2)) + 0.2 * math.log(1 + math.exp(0.2)))
     # IPO on length-averaged log-ratios: h = 1/2 - (-1)/4 = 0.75; (0.75 - 1/(2*0.5))^2 = 0.0625
-    loss, _ = losses.preference_loss(pc, pr, rc, rr, n2, n4, "ipo", beta=0.5)
+    loss, stats = losses.preference_loss(pc, pr, rc, rr, n2, n4, "ipo", beta=0.5)
     assert loss.item() == pytest.approx(0.0625)
+    # its stats are the averaged log-ratios it optimises: 0.5 * 1/2 and 0.5 * -1/4 (audit #27)
+    assert stats["chosen_reward"].item() == pytest.approx(0.25) and stats["rejected_reward"].item() == pytest.approx(
+        -0.125
+    )
+    # where summed and averaged disagree: chosen +2 over 4 tokens (0.5 a token), rejected +1 in 1 token
+    _, flip = losses.preference_loss(torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-4.0]),
+                                     torch.tensor([-4.0]), n4, torch.tensor([1]), "ipo", beta=0.5)  # fmt: skip
+    assert flip["reward_accuracy"] == 0 and flip["reward_margin"].item() == pytest.approx(0.5 * (0.5 - 1.0))
+    for other in ("ipo", "simpo", "orpo"):  # label smoothing is conservative DPO's: elsewhere an error
+        with pytest.raises(ValueError, match="label_smoothing"):
+            losses.preference_loss(pc, pr, rc, rr, n2, n4, other, label_smoothing=0.1)
+        with pytest.raises(ValueError, match="loss.label_smoothing 0.1 applies to loss_type sigmoid"):
+            DPOConfig(loss_type=other, label_smoothing=0.1)
     # SimPO: -log sigmoid(2 * (-3/2 - -5/4) - 0.5) = -log sigmoid(-1.0); no reference needed
     loss, stats = losses.preference_loss(pc, pr, None, None, n2, n4, "simpo", beta=2.0, simpo_gamma=0.5)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(1.0)))
@@ -218,3 +231,22 @@ def test_real_smollm2_dpo_step0_loss_is_log2_on_both_machine_kinds(native_bf16, 
     with torch.no_grad():
         loss, _ = module.step(next(iter(dm.train_dataloader())))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_an_explicit_reference_under_lora_is_an_error_not_ignored():
+    """With LoRA the reference is the model with its adapters off: an explicit reference spec would be
+    silently ignored (audit #27), so DPO and PPO refuse the pair, naming the key (as TRL does)."""
+    from modules import PPOModule
+    from rlhf_lit.errors import InputError
+    from rlhf_lit.estimators import GRPO
+    from rlhf_lit.models import LoRA, TinyModel
+    from rlhf_lit.rewards import CallableReward
+
+    tiny = TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64)
+    with pytest.raises(InputError, match="model.init_args.reference: with lora the reference is the model"):
+        DPOModule(tiny, reference=tiny, lora=LoRA(r=2))
+    reward = CallableReward("datamodules.verifiable:exact_match")
+    with pytest.raises(InputError, match="model.init_args.reference: with lora the reference is the actor"):
+        PPOModule(tiny, reward, reference=tiny, lora=LoRA(r=2), advantage=GRPO())
+    assert DPOModule(tiny, lora=LoRA(r=2)).ref_spec is tiny
+    assert PPOModule(tiny, reward, reference=tiny, advantage=GRPO()).ref_spec is tiny

@@ -95,8 +95,51 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     assert final["policy"] == "dpo" and {"gold_reward_mean", "kl", "win_rate_vs_sft_gold"} <= set(final)
 
 
+def test_seed_varies_training_keeps_the_split_and_models_are_evaluated_beside_the_stages(tmp_path, monkeypatch):
+    """``seed_varies: [training]`` seeds every stage and keeps the blend (the same held-out problems);
+    ``evaluation.models`` adds a policy no stage trains (the starting checkpoint), known by its path."""
+    import rlhf_lit.experiments as experiments
+    from rlhf_lit.errors import InputError
+    from rlhf_lit.pipeline import EvalPlan, Pipeline
+
+    seen = []
+
+    class Recorded:  # the pipeline a seed would run, read back from the file the runner wrote
+        def __init__(self, argv):
+            seen.append(yaml.safe_load(Path(argv[1]).read_text()))
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(experiments, "from_args", Recorded)
+    base = {"blend": {"seed": 7}, "stages": [{"name": "ppo", "config": "x.yaml"}]}
+    experiments.run_pipeline(base, tmp_path / "a", 2, ("training",))
+    experiments.run_pipeline(base, tmp_path / "b", 2)
+    assert seen[0]["blend"]["seed"] == 7 and seen[0]["stages"][0]["overrides"]["seed_everything"] == 2
+    assert seen[1]["blend"]["seed"] == 9 and "overrides" not in seen[1]["stages"][0]
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump({"base": "x.yaml", "seed_varies": ["data"]}))
+    (study / "x.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ValueError, match="seed_varies: give some of blend, training; got \\['data'\\]"):
+        run_study(study)
+
+    stages = [{"name": "ppo", "config": "x.yaml", "policies": {"grpo": "actor"}}]
+    pipe = Pipeline(str(tmp_path / "run"), {}, stages, evaluation=EvalPlan(models={"start": "models/m"}))
+    assert pipe.policies() == {"start": "models/m", "grpo": str(tmp_path / "run/ppo/export/actor")}
+    assert pipe.done_stamp("models/m") == "model models/m"
+    for clash in ("ppo", "grpo"):
+        with pytest.raises(InputError, match=f"evaluation.models: {clash} already names"):
+            Pipeline(str(tmp_path / "run"), {}, stages, evaluation=EvalPlan(models={clash: "models/m"}))
+    cfg = resolve_pipeline_paths({"evaluation": {"models": {"start": "x.yaml", "hub": "org/name"}}}, study)
+    assert cfg["evaluation"]["models"] == {"start": str(study / "x.yaml"), "hub": "org/name"}
+
+
+TINY_STUDIES = [s for s in STUDIES if s.name != "smollm2_vllm"]  # that one is the real model: its own tests
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("study", TINY_STUDIES, ids=lambda p: p.name)
 def test_every_experiment_runs_a_few_steps_on_the_tiny_model(study, tmp_path, monkeypatch):
     import shutil
 

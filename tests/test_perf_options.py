@@ -437,3 +437,31 @@ def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["precision"] == "bf16-mixed" and result["zero_stage"] == 2 and result["measured_steps"] == 2
     assert result["prompts_per_s"] > 0 and result["tokens_per_s"] > 0 and abs(sum(result["split"].values()) - 1) < 0.01
+
+
+def test_a_head_multiplier_nobody_listed_is_found_by_the_build_probe(tok):
+    """Falcon-H1 scales its logits by ``lm_head_multiplier`` after the head (0.039 in published configs), a
+    field no list names: the probe finds that head(hidden) is not the model's logits and the log-probs come
+    from the full logits (before #27: 0.3 nats off in SFT, DPO and PPO). A plain family keeps the chunked head."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from rlhf_lit.models import lm_hidden, next_token_logprobs
+
+    cfg = FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=8, mamba_chunk_size=8, lm_head_multiplier=0.039,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = FalconH1ForCausalLM(cfg).train()  # train mode: the probe itself runs in eval mode and restores it
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    hidden, head = lm_hidden(m, input_ids=ids, attention_mask=mask)
+    assert isinstance(head, torch.nn.Identity) and m.training and all(x.training for x in m.modules())
+    want = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    want = want.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(next_token_logprobs(m, input_ids=ids, attention_mask=mask), want, atol=1e-5)
+    plain = m.lm_head(m.model(input_ids=ids).last_hidden_state)  # what the head path would have used
+    assert (torch.log_softmax(plain[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) - want).abs().max() > 0.05
+    llama = model("llama", tok)
+    assert isinstance(lm_hidden(llama, input_ids=ids, attention_mask=mask)[1], torch.nn.Linear)

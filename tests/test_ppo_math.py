@@ -25,7 +25,7 @@ def naive_gae(rewards, values, mask, gamma, lam):
 
 def random_masked(b=5, t=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths = torch.randint(0 if seed == 2 else 1, t + 1, (b,), generator=g)  # seed 2 may mask a row whole
     mask = (torch.arange(t)[None] < lengths[:, None]).float()
     return torch.randn(b, t, generator=g), torch.randn(b, t, generator=g), mask
 
@@ -202,7 +202,8 @@ def naive_aggregate(x, mask, mode, norm=None):
         n = int(mask[i].sum())
         s = sum(x[i, t].item() for t in range(n))
         total, count = total + s, count + n
-        rows.append(s / max(n, 1) if mode == "seq_mean_token_mean" else s / (norm or 1))
+        if n:  # a row masked out whole is not a sequence of the loss
+            rows.append(s / n if mode == "seq_mean_token_mean" else s / (norm or 1))
     if mode == "token_mean":
         return total / count
     return sum(rows) / len(rows)
@@ -213,6 +214,12 @@ def test_loss_aggregations_hand_computed():
     assert ppo.aggregate(x, mask, "token_mean").item() == pytest.approx(10 / 4)  # every token the same weight
     assert ppo.aggregate(x, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)  # every sequence
     assert ppo.aggregate(x, mask, "seq_mean_token_sum_norm", norm=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    # a row masked out whole (overlong filter) leaves the sequence means, not a zero in them (audit #27)
+    x3, mask3 = torch.cat([x, x[:1]]), torch.cat([mask, torch.zeros(1, 3)])
+    for mode in ppo.LOSS_AGGREGATIONS:
+        assert ppo.aggregate(x3, mask3, mode, norm=4).item() == pytest.approx(
+            ppo.aggregate(x, mask, mode, norm=4).item()
+        )
     with pytest.raises(ValueError, match="norm"):
         ppo.aggregate(x, mask, "seq_mean_token_sum_norm")
     with pytest.raises(ValueError, match="loss aggregation"):
@@ -289,9 +296,18 @@ def test_reinforce_pp_returns_and_group_baseline():
     adv, ret = REINFORCEPP()(rewards, None, mask)
     torch.testing.assert_close(adv, torch.tensor([[0.7, 0.8, 0.9], [-0.1, 0.0, 0.0]]))
     assert REINFORCEPP.needs_critic is False and REINFORCEPP.token_whitening is True  # batch-normalised later
-    # with a group baseline: the group's mean summed reward (0.7 + -0.1) / 2 = 0.3 is taken off the last token
-    adv, _ = REINFORCEPP(samples_per_prompt=2, group_baseline=True)(rewards, None, mask)
-    torch.testing.assert_close(adv, torch.tensor([[0.4, 0.5, 0.6], [-0.4, 0.0, 0.0]]))
+    # with a group baseline: the group's mean score (1 + 0) / 2 = 0.5, not the mean of score plus KL
+    # penalties (0.7 - 0.1) / 2 = 0.3 (OpenRLHF's reinforce_baseline; audit #27), is taken off the last token
+    scores = torch.tensor([1.0, 0.0])
+    adv, _ = REINFORCEPP(samples_per_prompt=2, group_baseline=True)(rewards, None, mask, scores=scores)
+    torch.testing.assert_close(adv, torch.tensor([[0.2, 0.3, 0.4], [-0.6, 0.0, 0.0]]))
+    naive = rewards.clone()  # the same by a loop: each row's last token loses its group's mean score
+    for i in range(2):
+        naive[i, int(mask[i].sum()) - 1] -= scores.mean()
+        for t in range(3):
+            assert adv[i, t].item() == pytest.approx(float((naive[i, t:] * mask[i, t:]).sum()) * float(mask[i, t]))
+    with pytest.raises(ValueError, match="needs the sequence scores"):
+        REINFORCEPP(samples_per_prompt=2, group_baseline=True)(rewards, None, mask)
 
 
 def test_overlong_penalty_hand_computed():

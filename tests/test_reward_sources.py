@@ -125,6 +125,31 @@ def test_classifier_reward_with_its_own_tokenizer_and_template_drives_ppo(classi
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_re_rendered_reply_keeps_cut_replies_open_the_header_and_the_hh_space(classifier_dir, tokenizer_dir):
+    """A reward model with its own tokenizer (audit #27, item 5): (a) a reply cut at max_new_tokens gets no
+    end-of-turn token (the actor's own tokens have none), (b) a too-long conversation loses its middle, not
+    the template's first role header, (c) an HH reward model sees "Assistant: reply" with HH's space."""
+    actor_tok = HFTokenizer(tokenizer_dir).load()
+    reward = ModelReward(classifier_dir, normalize=False, max_length=48)
+    reward.build(actor_tok)
+    own, prompt = reward.tokenizer, "\n\nHuman: Name a fruit.\n\nAssistant:"
+    ids, mask = reward.encode([prompt, prompt], [" apple", " apple"], "cpu", torch.tensor([True, False]))
+    texts = [own.decode(x[m.bool()]) for x, m in zip(ids, mask)]
+    assert texts[0].endswith("apple<|im_end|>") and texts[1].endswith("apple") and reward.truncated == 0
+    ended = reward(2 * [prompt], [" apple", " apple"], torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                   ended=torch.tensor([True, False]))  # fmt: skip
+    assert ended[0] != ended[1]  # scored as rendered: the cut reply is not the ended one
+    long = "\n\nHuman: " + " ".join(["tell me more about fruit"] * 20) + "\n\nAssistant:"
+    (cut,), (cut_mask,) = reward.encode([long], [" a pear"], "cpu", torch.tensor([True]))
+    text = own.decode(cut[cut_mask.bool()])
+    assert cut_mask.sum() == 48 and reward.truncated == 1
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\na pear<|im_end|>")
+    hh = ModelReward(classifier_dir, normalize=False, chat_template="hh")
+    hh.build(actor_tok)
+    (x,), _ = hh.encode([prompt], ["Hello there"], "cpu")  # a template actor's reply has no leading space
+    assert hh.tokenizer.decode(x).endswith("\n\nAssistant: Hello there" + hh.tokenizer.eos_token)
+
+
 def test_classifier_checkpoint_as_critic_keeps_its_score_head(classifier_dir):
     tok = HFTokenizer(classifier_dir).load()
     critic = HFModel(classifier_dir).build_scalar(tok)

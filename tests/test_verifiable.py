@@ -222,9 +222,9 @@ def test_overlong_filter_and_soft_penalty(dm):
     ro.mask[0, :6], ro.mask[1, :2] = 1, 1  # 6 tokens: at max_new_tokens, 2 tokens: before the buffer
     ro.mask[2:, :4] = 1  # 4 tokens: 2 into the 4-token buffer, penalty -0.5
     ro.ended[:] = torch.tensor([False, True, True, True])
-    rewards, _ = module.rewards(ro)
+    rewards, _, _ = module.rewards(ro)
     module.algo.overlong_buffer = None
-    plain, _ = module.rewards(ro)
+    plain, _, _ = module.rewards(ro)
     last = ro.mask.sum(-1).long() - 1  # the score sits on each response's last token
     torch.testing.assert_close((rewards - plain)[torch.arange(4), last], torch.tensor([-1.0, 0.0, -0.5, -0.5]))
     adv, ret = module.advantages(rewards, None, ro.mask)
