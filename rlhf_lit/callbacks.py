@@ -12,26 +12,39 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from rlhf_lit.models import DTYPES, gathered
+from rlhf_lit.outputs import check_output, mark
 
 
 class HFExport(L.Callback):
     """At the end of fit, write the stage's models in Hugging Face format to ``dirpath``.
 
     The directory opens with ``from_pretrained`` (SFT, PPO actor) or ``load_scalar_model`` (reward,
-    critic). It is written to a temporary sibling and renamed, so a crash leaves no half export.
+    critic). It is written to a temporary sibling and renamed, so a crash leaves no half export. It
+    replaces only a directory rlhf-lit wrote (its ``.rlhf-lit`` marker): anything else at ``dirpath`` is
+    refused in one line when fit starts, before training (#28). A fit that took no optimizer step writes
+    nothing, so a previous export is never replaced by an untrained model.
     """
 
-    def __init__(self, dirpath: str, dtype: Optional[str] = None) -> None:
+    def __init__(self, dirpath: str, dtype: Optional[str] = None, overwrite: bool = False) -> None:
         """Args:
-        dirpath: output directory (replaced if it exists).
+        dirpath: output directory (an earlier rlhf-lit export there is replaced).
         dtype: floating weights saved as float32, bfloat16 or float16 (config.json says so); None keeps
             the dtype they were trained in (fp32 master weights under bf16-mixed).
+        overwrite: replace ``dirpath`` even when rlhf-lit did not write it (``rlhf-lit --overwrite fit ...``
+            sets this for every export).
         """
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"HFExport dtype must be one of {', '.join(DTYPES)} or null, got {dtype!r}")
-        self.dirpath, self.dtype = Path(dirpath), dtype
+        self.dirpath, self.dtype, self.overwrite = Path(dirpath), dtype, overwrite
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # checked up front: a refusal after training would lose the trained weights
+            check_output(self.dirpath, "HFExport dirpath", self.overwrite)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            rank_zero_warn(f"no optimizer step was taken: nothing exported, {self.dirpath} left as it was")
+            return
         # Under ZeRO-3 every rank takes part in gathering the full weights; rank 0 writes them.
         with gathered(pl_module.parameters()):
             if trainer.is_global_zero:
@@ -39,22 +52,27 @@ class HFExport(L.Callback):
         trainer.strategy.barrier("hf-export")
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        data = dm.report() if dm is not None and hasattr(dm, "report") else []
-        tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")
         import shutil
 
+        dm = trainer.datamodule
+        data = dm.report() if dm is not None and hasattr(dm, "report") else []
+        check_output(self.dirpath, "HFExport dirpath", self.overwrite)  # still ours after training
+        tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pl_module.export(tmp, data=data)
         if self.dtype is not None:
             for folder in {f.parent for f in tmp.rglob("*.safetensors")}:
                 cast_export(folder, self.dtype)
+        mark(tmp, f"{getattr(pl_module, 'stage', 'stage')} export")
         old = self.dirpath.with_name(f".{self.dirpath.name}.old")
         if self.dirpath.exists():
             shutil.rmtree(old, ignore_errors=True)
             self.dirpath.rename(old)
         tmp.rename(self.dirpath)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():  # --overwrite over a file
+            old.unlink()
 
 
 def cast_export(folder: Path, dtype: str) -> None:

@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from typing import Optional
 
 # Set before lightning/transformers import: W&B then never blocks on a login prompt without a TTY.
@@ -92,8 +93,11 @@ def quiet() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--verbose"]:
-        argv, from_shell, os.environ["RLHF_LIT_VERBOSE"] = argv[1:], False, "1"
+    # Flags before the command: --verbose (tracebacks, library logs), --overwrite (output paths rlhf-lit
+    # did not write may be replaced, #28).
+    while argv[:1] in (["--verbose"], ["--overwrite"]):
+        env = "RLHF_LIT_VERBOSE" if argv[0] == "--verbose" else "RLHF_LIT_OVERWRITE"
+        argv, from_shell, os.environ[env] = argv[1:], False, "1"
     if not verbose():
         quiet()
     from rlhf_lit.errors import InputError
@@ -120,9 +124,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         expanded = expand_config_args(argv)  # --config recipe:NAME
-        lightning_cli(None if from_shell and expanded == argv else expanded)
+        check_ckpt_path(expanded)
+        with warnings.catch_warnings():  # Lightning warns and trains from scratch: a silent restart (#28)
+            warnings.filterwarnings("error", message=NOTHING_TO_RESUME)
+            lightning_cli(None if from_shell and expanded == argv else expanded)
     except NonFiniteError as e:
         print(f"rlhf-lit: stopped: {e}", file=sys.stderr)
+        return 1
+    except UserWarning as e:
+        if not re.match(NOTHING_TO_RESUME, str(e)):
+            raise
+        print(
+            "rlhf-lit: error: --ckpt_path last: no last.ckpt to resume from in the ModelCheckpoint dirpath "
+            "(a first run: leave --ckpt_path out)",
+            file=sys.stderr,
+        )
         return 1
     except (InputError, ValueError, TypeError, argparse.ArgumentError) as e:
         # Bad data, config keys or values, model directories: the innermost cause in one line. Config
@@ -135,6 +151,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rlhf-lit: error: {root_cause(e)}{hint}", file=sys.stderr)
         return 1
     return 0
+
+
+NOTHING_TO_RESUME = r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'
+KEYWORD_CKPTS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(args: list[str]) -> None:
+    """A ``--ckpt_path`` file that does not exist is one line naming it (Lightning raises deep in fit)."""
+    from rlhf_lit.errors import InputError
+
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else None
+        value = arg.partition("=")[2] if arg.startswith("--ckpt_path=") else value
+        if value and value not in KEYWORD_CKPTS and not value.startswith("registry") and not os.path.exists(value):
+            raise InputError(f"--ckpt_path: {value} does not exist (to resume the newest: --ckpt_path last)")
 
 
 def root_cause(e: BaseException) -> str:

@@ -46,9 +46,12 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_lit.outputs import check_output, mark
+
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    check_output(out, "--out")  # a directory rlhf-lit did not write is never replaced (#28)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -63,8 +66,12 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    mark(tmp, f"model converted from {gguf.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():  # --overwrite over a file
+        out.unlink()
     os.replace(tmp, out)
     return out
 

@@ -1,0 +1,137 @@
+"""Nothing a user owns is lost (#28): rlhf-lit replaces only directories it wrote, refuses anything else in
+one line before training, and never exports after zero optimizer steps."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import datamodule, trainer
+
+from datamodules import SFTDataModule
+from modules import SFTModule
+from rlhf_lit.callbacks import HFExport
+from rlhf_lit.errors import InputError
+from rlhf_lit.models import TinyModel
+from rlhf_lit.outputs import MARKER, check_output, mark, ours
+
+
+def user_files(root):
+    """A directory a user owns: a note and a data file in a sub-folder."""
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("my notes")
+    (root / "sub").mkdir()
+    (root / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def contents(root):
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_check_output_refuses_what_rlhf_lit_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHF_LIT_OVERWRITE", raising=False)
+    check_output(tmp_path / "new" / "deeper", "key")  # nothing there: fine
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", "key")
+    user = user_files(tmp_path / "user")
+    with pytest.raises(InputError, match=r"^HFExport dirpath: .*user holds files rlhf-lit did not write"):
+        check_output(tmp_path / "user", "HFExport dirpath")
+    (tmp_path / "file.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"file.txt is a file rlhf-lit did not write"):
+        check_output(tmp_path / "file.txt", "--out")
+    check_output(tmp_path / "user", "key", overwrite=True)  # the user said so
+    monkeypatch.setenv("RLHF_LIT_OVERWRITE", "1")  # rlhf-lit --overwrite ...
+    check_output(tmp_path / "file.txt", "key")
+    assert contents(tmp_path / "user") == user and (tmp_path / "file.txt").read_text() == "mine"
+    (tmp_path / "marked").mkdir()
+    mark(tmp_path / "marked", "test")
+    legacy = tmp_path / "legacy" / "actor"  # an export from before the marker: known by its model card
+    legacy.mkdir(parents=True)
+    (legacy / "README.md").write_text("# rlhf-lit export: ppo (actor)\n")
+    assert ours(tmp_path / "marked") and ours(tmp_path / "legacy") and not ours(tmp_path / "user")
+
+
+def sft(tokenizer_dir):
+    dm = datamodule(SFTDataModule, tokenizer_dir, n=80)
+    module = SFTModule(
+        TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    return module, dm
+
+
+def test_export_refuses_a_user_directory_before_training_and_replaces_its_own(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHF_LIT_OVERWRITE", raising=False)
+    user = user_files(tmp_path / "user")
+    module, dm = sft(tokenizer_dir)
+    t = trainer(tmp_path / "a", max_steps=2, callbacks=[HFExport(str(tmp_path / "user"))])
+    with pytest.raises(InputError, match="HFExport dirpath: .* holds files rlhf-lit did not write"):
+        t.fit(module, datamodule=dm)
+    assert t.global_step == 0 and contents(tmp_path / "user") == user  # refused before the first step
+    module, dm = sft(tokenizer_dir)
+    out = tmp_path / "export"
+    trainer(tmp_path / "b", max_steps=2, callbacks=[HFExport(str(out))]).fit(module, datamodule=dm)
+    first = (out / "model.safetensors").read_bytes()
+    assert (out / MARKER).is_file() and (out / "config.json").is_file()
+    module, dm = sft(tokenizer_dir)  # a second run replaces its own export...
+    trainer(tmp_path / "c", max_steps=3, callbacks=[HFExport(str(out))]).fit(module, datamodule=dm)
+    second = (out / "model.safetensors").read_bytes()
+    assert second != first
+    module, dm = sft(tokenizer_dir)  # ...but a run of zero steps leaves it as it was
+    with pytest.warns(UserWarning, match="no optimizer step was taken: nothing exported"):
+        trainer(tmp_path / "d", max_steps=0, callbacks=[HFExport(str(out))]).fit(module, datamodule=dm)
+    assert (out / "model.safetensors").read_bytes() == second
+    module, dm = sft(tokenizer_dir)  # an explicit overwrite replaces the user's directory
+    trainer(tmp_path / "e", max_steps=1, callbacks=[HFExport(str(tmp_path / "user"), overwrite=True)]).fit(
+        module, datamodule=dm
+    )
+    assert not (tmp_path / "user" / "notes.txt").exists() and (tmp_path / "user" / MARKER).is_file()
+
+
+def test_cli_fit_and_model_conversion_refuse_user_paths_in_one_line(tmp_path):
+    user = user_files(tmp_path / "user")
+    callbacks = f"[{{class_path: rlhf_lit.callbacks.HFExport, init_args: {{dirpath: {tmp_path / 'user'}}}}}]"
+    args = ["fit", "--config", "recipe:sft/tiny", "--trainer.logger=false", f"--trainer.callbacks={callbacks}"]
+    args += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=2"]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "rlhf_lit.cli", *a], capture_output=True, text=True,
+                                    timeout=300, cwd=tmp_path)  # fmt: skip
+    out = run(*args)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert errors == [
+        f"rlhf-lit: error: HFExport dirpath: {tmp_path / 'user'} holds files rlhf-lit did not write (no .rlhf-lit "
+        "marker); choose another path (or --overwrite to replace it)"
+    ]
+    assert contents(tmp_path / "user") == user and not (tmp_path / "run" / "checkpoints").exists()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = run("models", "from-gguf", "--gguf", str(gguf), "--out", str(tmp_path / "user"))
+    assert out.returncode == 1 and "--out: " in out.stderr and "did not write" in out.stderr, out.stderr
+    assert contents(tmp_path / "user") == user
+    out = run("--overwrite", *args)  # the user's word: the directory becomes an export
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "user" / MARKER).is_file() and not (tmp_path / "user" / "notes.txt").exists()
+
+
+def test_stage_config_saves_last_and_resumes_with_ckpt_path_last(tmp_path):
+    """Every stage config saves last.ckpt every N steps; ``--ckpt_path last`` resumes from it; with nothing
+    to resume, or a checkpoint file that does not exist, one line instead of a silent restart (#28)."""
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny", "--trainer.logger=false",
+         "--trainer.enable_progress_bar=false", *a], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    for args, expected in [
+        (["--ckpt_path", "last"], "rlhf-lit: error: --ckpt_path last: no last.ckpt to resume from"),
+        (["--ckpt_path=gone.ckpt"], "rlhf-lit: error: --ckpt_path: gone.ckpt does not exist"),
+    ]:
+        out = run(*args)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
+        assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
+        assert errors[0].startswith(expected) and not (tmp_path / "runs/tiny/sft/export").exists()
+    out = run("--trainer.max_steps=20")
+    last = tmp_path / "runs/tiny/sft/checkpoints/last.ckpt"
+    assert out.returncode == 0 and torch.load(last, weights_only=True)["global_step"] == 20, out.stderr[-2000:]
+    out = run("--trainer.max_steps=22", "--ckpt_path", "last")
+    assert out.returncode == 0 and "Restoring states from the checkpoint path at" in out.stderr, out.stderr[-2000:]
+    assert (tmp_path / "runs/tiny/sft/export/.rlhf-lit").is_file()
