@@ -119,6 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from rlhf_lit.callbacks import NonFiniteError
     from rlhf_lit.recipes import expand_config_args
 
@@ -140,9 +142,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (InputError, ValueError, TypeError, argparse.ArgumentError) as e:
+    except (InputError, ValueError, TypeError, argparse.ArgumentError, MisconfigurationException, OSError) as e:
         # Bad data, config keys or values, model directories: the innermost cause in one line. Config
-        # errors reach here wrapped by jsonargparse ("Does not validate against any of the Union subtypes").
+        # errors reach here wrapped by jsonargparse ("Does not validate against any of the Union subtypes");
+        # Lightning's refusals (max_steps -5, `test` on a module without test_step) and file-system errors
+        # (an unwritable directory) too (#28).
         if verbose():
             raise
         hint = (

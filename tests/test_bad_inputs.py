@@ -301,12 +301,16 @@ def test_normalizers_only_return_records_or_raise_counted_reasons(name, row):
         (["--model.init_args.model.init_args.family=nope"], "rlhf-lit: error: unknown tiny model family 'nope'"),
         (["--trainer.max_stepz=3"], "rlhf-lit: error: unrecognized arguments: --trainer.max_stepz=3"),
         (["--model.init_args.optimizer.init_args.lr=fast"], "rlhf-lit: error:"),
+        (["--trainer.max_steps=-5"], "rlhf-lit: error: `max_steps` must be a non-negative integer or -1"),
+        (["test", "recipe:ppo/tiny"], "rlhf-lit: error: No `test_step()` method defined to run `Trainer.test`"),
     ],
-    ids=["bad-value", "unknown-key", "bad-type"],
+    ids=["bad-value", "unknown-key", "bad-type", "negative-max-steps", "test-on-ppo"],
 )
 def test_fit_config_errors_are_one_line(args, expected):
+    command, recipe = args[:2] if args[0] == "test" else ("fit", "recipe:sft/tiny")
+    args = [] if args[0] == "test" else args
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny", "--trainer.logger=false", *args],
+        [sys.executable, "-m", "rlhf_lit.cli", command, "--config", recipe, "--trainer.logger=false", *args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
