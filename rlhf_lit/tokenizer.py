@@ -18,6 +18,7 @@ from typing import Optional
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf_lit.chat_format import apply_chat_template_option
+from rlhf_lit.errors import InputError
 from rlhf_lit.hub import hub_errors
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -58,10 +59,27 @@ class HFTokenizer(TokenizerSpec):
 
     def load(self, texts=None) -> PreTrainedTokenizerFast:
         kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        folder = Path(self.path)
+        if folder.is_dir() and not self.gguf_file and not any((folder / f).exists() for f in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer and fail much later ("cannot reshape a tensor of 0
+            # elements", #28), or ask for sentencepiece
+            raise InputError(f"{self.path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...) in this directory")
         with hub_errors(self.path, "tokenizer"):
             tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, **kw)
+        if len(tok) == 0:
+            raise InputError(f"{self.path}: the tokenizer loaded empty (no vocabulary)")
         tok = apply_chat_template_option(tok, self.chat_template, self.path)
         return ensure_pad(tok, self.add_pad_token, self.path)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "merges.txt",
+)
 
 
 class TrainedBPE(TokenizerSpec):

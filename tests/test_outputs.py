@@ -135,3 +135,24 @@ def test_stage_config_saves_last_and_resumes_with_ckpt_path_last(tmp_path):
     out = run("--trainer.max_steps=22", "--ckpt_path", "last")
     assert out.returncode == 0 and "Restoring states from the checkpoint path at" in out.stderr, out.stderr[-2000:]
     assert (tmp_path / "runs/tiny/sft/export/.rlhf-lit").is_file()
+
+
+def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path):
+    """A model folder saved without its tokenizer: one line naming it, in fit, evaluate and chat alike (all
+    load through HFTokenizer), not a failure deep in the first forward (#28)."""
+    from rlhf_lit.tokenizer import HFTokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InputError, match=r"model: no tokenizer files \(tokenizer.json, tokenizer_config.json"):
+        HFTokenizer(str(model)).load()
+    (tmp_path / "p.txt").write_text("hello\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "evaluate", "--policy", str(model), "--prompts", str(tmp_path / "p.txt"),
+         "--gold", "datamodules.verifiable:exact_match"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
+    assert "no tokenizer files" in errors[0]
