@@ -7,6 +7,7 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -194,13 +195,30 @@ def main(argv: list[str]) -> int:
 
 
 def read_prompts(path: str) -> tuple[list[str], dict[str, list]]:
-    """Prompts and the rows' other fields as columns, ``{name: [value per row]}`` (none for .txt)."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-            missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
-            if missing:
-                raise ValueError(f"{path}:{missing[0]}: field 'prompt' is missing or not a string")
-            names = sorted({k for r in rows for k in r if k != "prompt"})
-            return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in names}
-        return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()], {}
+    """Prompts and the rows' other fields as columns, ``{name: [value per row]}`` (none for .txt). Errors
+    name the file and line (#28): a directory, undecodable bytes, malformed JSON, no prompt at all."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"{path}: not a prompts file" + (" (a directory)" if Path(path).is_dir() else " (no such file)")
+        )
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: bytes are not valid UTF-8") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise ValueError(f"{path}: no prompts (the file has no non-blank line)")
+    if not path.endswith(".jsonl"):
+        return [line.replace("\\n", "\n") for _, line in numbered], {}
+    rows = []
+    for n, line in numbered:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: field 'prompt' is missing or not a string")
+        rows.append(row)
+    names = sorted({k for r in rows for k in r if k != "prompt"})
+    return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in names}

@@ -316,3 +316,31 @@ def test_fit_config_errors_are_one_line(args, expected):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
     assert len(errors) == 1 and errors[0].startswith(expected), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("dir", None, "dir: not a prompts file (a directory)"),
+        ("blank.txt", "\n  \n", "blank.txt: no prompts (the file has no non-blank line)"),
+        ("bytes.txt", b"ok\n\xff\n", "bytes.txt:2: bytes are not valid UTF-8"),
+        ("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: malformed JSON"),
+        ("list.jsonl", "[1]\n", "list.jsonl:1: field 'prompt' is missing or not a string"),
+    ],
+)
+def test_evaluate_prompt_files_fail_in_one_line_naming_file_and_line(name, content, expected, tmp_path):
+    """``evaluate --prompts``: a directory, blank file, bad bytes or JSON name the file and line (#28; a
+    directory was a 14-line traceback, a blank file 'mean requires at least one data point')."""
+    from rlhf_lit.evaluate import read_prompts
+
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as e:
+        read_prompts(str(path))
+    assert str(e.value).startswith(str(tmp_path / expected.split(":")[0])) and expected in str(e.value)
+    good = tmp_path / "good.txt"
+    good.write_text("first\\nline\n\nsecond\n")
+    assert read_prompts(str(good)) == (["first\nline", "second"], {})
