@@ -42,19 +42,20 @@ class StageDataModule(L.LightningDataModule):
         bucket_by_length: bool = False,
         part: Optional[str] = None,
     ) -> None:
-        """Args:
-        blend: the sources, weights and stage split.
-        tokenizer: tokenizer spec (hub/local path, or a BPE trained on the blend's text).
-        batch_size: training batch size per process.
-        eval_batch_size: validation batch size (defaults to batch_size).
-        max_seq_len: longest sequence in tokens (prompt + response).
-        eval_limit: use at most this many held-out records for validation.
-        num_workers: DataLoader workers.
-        seed: shuffling seed of the training loader.
-        bucket_by_length: training batches of similar lengths (shuffled in windows of 50 batches, sorted
-            by length, batches shuffled): less padding, same data per epoch.
-        part: the blend's split part to train on (default: the datamodule's kind, sft / reward / ppo; e.g.
-            a DPO stage on the reward model's pairs reads ``reward``).
+        """
+        Args:
+            blend: the sources, weights and stage split.
+            tokenizer: tokenizer spec (hub/local path, or a BPE trained on the blend's text).
+            batch_size: training batch size per process.
+            eval_batch_size: validation batch size (defaults to batch_size).
+            max_seq_len: longest sequence in tokens (prompt + response).
+            eval_limit: use at most this many held-out records for validation.
+            num_workers: DataLoader workers.
+            seed: shuffling seed of the training loader.
+            bucket_by_length: training batches of similar lengths (shuffled in windows of 50 batches, sorted
+                by length, batches shuffled): less padding, same data per epoch.
+            part: the blend's split part to train on (default: the datamodule's kind, sft / reward / ppo; e.g.
+                a DPO stage on the reward model's pairs reads ``reward``).
         """
         super().__init__()
         self.blend, self.tokenizer_spec = blend, tokenizer
@@ -178,14 +179,15 @@ class SFTDataModule(StageDataModule):
     def __init__(
         self, *args, mask_prompt: bool = True, pack: bool = False, all_assistant_turns: bool = False, **kwargs
     ) -> None:
-        """Args:
-        mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
-        all_assistant_turns: in multi-turn rows (HH dialogues, ``messages``), train on every assistant
-            turn, not only the final reply (user and system turns stay masked; with mask_prompt).
-        pack: put several examples in each row of up to max_seq_len tokens, each attending only to itself
-            (block-diagonal mask, positions restarting per example): almost no padding. batch_size then
-            counts rows. Needs a family that takes 4D attention masks and position_ids (opt, gpt2,
-            gpt_neox, llama: tested; others get a clear error).
+        """
+        Args:
+            mask_prompt: train on response tokens only (False: on the whole text, as DeepSpeed-Chat).
+            all_assistant_turns: in multi-turn rows (HH dialogues, ``messages``), train on every assistant
+                turn, not only the final reply (user and system turns stay masked; with mask_prompt).
+            pack: put several examples in each row of up to max_seq_len tokens, each attending only to itself
+                (block-diagonal mask, positions restarting per example): almost no padding. batch_size then
+                counts rows. Needs a family that takes 4D attention masks and position_ids (opt, gpt2,
+                gpt_neox, llama: tested; others get a clear error).
         """
         super().__init__(*args, **kwargs)
         self.mask_prompt, self.pack, self.all_assistant_turns = mask_prompt, pack, all_assistant_turns
@@ -233,10 +235,11 @@ class PromptDataModule(StageDataModule):
         ptx_batch_size: Optional[int] = None,
         **kwargs,
     ) -> None:
-        """Args:
-        max_prompt_len: prompts are cut from the left to this many tokens.
-        ptx_blend: SFT-style data whose language-model loss is mixed into the actor's (InstructGPT's PPO-ptx).
-        ptx_batch_size: batch size of the ptx loader (defaults to batch_size).
+        """
+        Args:
+            max_prompt_len: prompts are cut from the left to this many tokens.
+            ptx_blend: SFT-style data whose language-model loss is mixed into the actor's (InstructGPT's PPO-ptx).
+            ptx_batch_size: batch size of the ptx loader (defaults to batch_size).
         """
         super().__init__(*args, **kwargs)
         self.max_prompt_len, self.ptx_blend = max_prompt_len, ptx_blend

@@ -34,24 +34,25 @@ class DPOModule(StageModule):
         frozen_dtype: str = "float32",
         dropout: Optional[float] = 0.0,
     ) -> None:
-        """Args:
-        model: spec of the policy to train (built in configure_model).
-        reference: spec of the frozen reference (default: the model's spec; with LoRA, the model with
-            adapters disabled; none for the reference-free losses).
-        loss: the preference loss and its knobs.
-        optimizer: optimizer class and arguments.
-        schedule: warmup + decay of the learning rate.
-        weight_decay: decoupled weight decay of the weight matrices.
-        lora: train low-rank adapters instead of all weights (merged on export).
-        frozen_dtype: storage dtype of the frozen reference: float32 (default: the step-0 loss is exactly
-            log 2), or bfloat16/float16 for half the reference's memory (computed in fp32 layer by layer
-            under fp32 and mixed-precision trainers, on every machine). The rounding of the weights alone
-            moved SmolLM2's step-0 loss on 8 HH pairs to 0.6878 (log 2 = 0.6931; per-sequence log-ratios up
-            to 0.30 nats), the same on CPUs with and without bf16 units (#27).
-        dropout: every dropout probability of the policy (and so of the LoRA adapters-off reference). 0
-            (default, as TRL) makes the step-0 loss exactly log 2 and the cached reference deterministic;
-            with a GPT-2/OPT checkpoint's 0.1 three calls on one batch gave 0.6903 / 0.6901 / 0.6947 (#27).
-            None keeps the checkpoint's.
+        """
+        Args:
+            model: spec of the policy to train (built in configure_model).
+            reference: spec of the frozen reference (default: the model's spec; with LoRA, the model with
+                adapters disabled; none for the reference-free losses).
+            loss: the preference loss and its knobs.
+            optimizer: optimizer class and arguments.
+            schedule: warmup + decay of the learning rate.
+            weight_decay: decoupled weight decay of the weight matrices.
+            lora: train low-rank adapters instead of all weights (merged on export).
+            frozen_dtype: storage dtype of the frozen reference: float32 (default: the step-0 loss is exactly
+                log 2), or bfloat16/float16 for half the reference's memory (computed in fp32 layer by layer
+                under fp32 and mixed-precision trainers, on every machine). The rounding of the weights alone
+                moved SmolLM2's step-0 loss on 8 HH pairs to 0.6878 (log 2 = 0.6931; per-sequence log-ratios up
+                to 0.30 nats), the same on CPUs with and without bf16 units (#27).
+            dropout: every dropout probability of the policy (and so of the LoRA adapters-off reference). 0
+                (default, as TRL) makes the step-0 loss exactly log 2 and the cached reference deterministic;
+                with a GPT-2/OPT checkpoint's 0.1 three calls on one batch gave 0.6903 / 0.6901 / 0.6947 (#27).
+                None keeps the checkpoint's.
         """
         if lora is not None and reference is not None:  # TRL refuses the pair too: the spec would be ignored
             raise InputError(

@@ -72,35 +72,36 @@ class PPOModule(StageModule):
         frozen_dtype: str = "bfloat16",
         critic_lora: Optional[LoRA] = None,
     ) -> None:
-        """Args:
-        actor: spec of the policy (usually the SFT export).
-        reward: reward source: the reward model, a Python function, or a weighted sum.
-        critic: spec of the value model (usually the reward export); required by critic-based estimators.
-        reference: spec of the frozen reference (default: the actor's spec; with LoRA, the actor with
-            adapters disabled).
-        optimizer: optimizer class and arguments; its lr is the actor's (the critic's is algo.critic_lr).
-        schedule: warmup + decay of both learning rates.
-        weight_decay: decoupled weight decay of the weight matrices.
-        kl: KL coefficient controller (default: fixed beta 0.05). A fixed 0 means no KL anywhere: the
-            reference model is then not built.
-        advantage: advantage estimator: GAE (default), GRPO, DrGRPO, RLOO or REINFORCEPP.
-        generation: rollout sampling settings.
-        algo: the PPO update's knobs.
-        lora: train low-rank adapters on the actor.
-        monitor: a reward source scored on every rollout and logged as objective/monitor_scores but never
-            trained on (e.g. the gold reward, to watch over-optimisation of the proxy).
-        value_head_on_actor: take values from a linear head on the actor's last hidden state instead
-            of a separate critic network.
-        samples_every: keep prompt/response/score samples for the sample table every n steps.
-        dropout: every dropout probability of the actor and critic during PPO. 0 (default) turns dropout
-            off, as DeepSpeed-Chat's OPT recipes and OpenRLHF do in RL: the PPO ratio then compares the same
-            function before and after the update. None keeps the checkpoints' dropout (experience is still
-            scored in eval mode; the fused first forward is then not used).
-        frozen_dtype: storage dtype of the frozen reference, reward and monitor models: bfloat16 (default,
-            half of fp32's memory; computed in fp32 layer by layer where the hardware has no bf16 units),
-            float16 or float32 (as loaded). The EMA stays fp32: bf16 would round away its (1 - beta) updates.
-        critic_lora: train low-rank adapters on the critic's backbone (its value head in full) instead of all
-            its weights: no gradients or Adam states for the backbone (merged on export).
+        """
+        Args:
+            actor: spec of the policy (usually the SFT export).
+            reward: reward source: the reward model, a Python function, or a weighted sum.
+            critic: spec of the value model (usually the reward export); required by critic-based estimators.
+            reference: spec of the frozen reference (default: the actor's spec; with LoRA, the actor with
+                adapters disabled).
+            optimizer: optimizer class and arguments; its lr is the actor's (the critic's is algo.critic_lr).
+            schedule: warmup + decay of both learning rates.
+            weight_decay: decoupled weight decay of the weight matrices.
+            kl: KL coefficient controller (default: fixed beta 0.05). A fixed 0 means no KL anywhere: the
+                reference model is then not built.
+            advantage: advantage estimator: GAE (default), GRPO, DrGRPO, RLOO or REINFORCEPP.
+            generation: rollout sampling settings.
+            algo: the PPO update's knobs.
+            lora: train low-rank adapters on the actor.
+            monitor: a reward source scored on every rollout and logged as objective/monitor_scores but never
+                trained on (e.g. the gold reward, to watch over-optimisation of the proxy).
+            value_head_on_actor: take values from a linear head on the actor's last hidden state instead
+                of a separate critic network.
+            samples_every: keep prompt/response/score samples for the sample table every n steps.
+            dropout: every dropout probability of the actor and critic during PPO. 0 (default) turns dropout
+                off, as DeepSpeed-Chat's OPT recipes and OpenRLHF do in RL: the PPO ratio then compares the same
+                function before and after the update. None keeps the checkpoints' dropout (experience is still
+                scored in eval mode; the fused first forward is then not used).
+            frozen_dtype: storage dtype of the frozen reference, reward and monitor models: bfloat16 (default,
+                half of fp32's memory; computed in fp32 layer by layer where the hardware has no bf16 units),
+                float16 or float32 (as loaded). The EMA stays fp32: bf16 would round away its (1 - beta) updates.
+            critic_lora: train low-rank adapters on the critic's backbone (its value head in full) instead of all
+                its weights: no gradients or Adam states for the backbone (merged on export).
         """
         super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters(ignore=["reward", "monitor"])

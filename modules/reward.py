@@ -34,16 +34,17 @@ class RewardModule(StageModule):
         center_coef: float = 0.0,
         shared_prompt: bool = True,
     ) -> None:
-        """Args:
-        model: spec of the backbone (a value head is added, or loaded with a reward export).
-        optimizer: optimizer class and arguments.
-        schedule: warmup + decay of the learning rate.
-        weight_decay: decoupled weight decay of the weight matrices.
-        loss: 'bradley_terry' on the last-token scores (with the pair's margin when the data has one),
-            or 'divergent_suffix', DeepSpeed-Chat's token-wise loss over the differing suffix.
-        center_coef: weight of the reward-centering term (Eisenstein et al. 2023); 0 disables it.
-        shared_prompt: run each pair's prompt once and both responses on its KV cache (same scores,
-            P + 2R tokens instead of 2(P + R)); only with bradley_terry and without gradient checkpointing.
+        """
+        Args:
+            model: spec of the backbone (a value head is added, or loaded with a reward export).
+            optimizer: optimizer class and arguments.
+            schedule: warmup + decay of the learning rate.
+            weight_decay: decoupled weight decay of the weight matrices.
+            loss: 'bradley_terry' on the last-token scores (with the pair's margin when the data has one),
+                or 'divergent_suffix', DeepSpeed-Chat's token-wise loss over the differing suffix.
+            center_coef: weight of the reward-centering term (Eisenstein et al. 2023); 0 disables it.
+            shared_prompt: run each pair's prompt once and both responses on its KV cache (same scores,
+                P + 2R tokens instead of 2(P + R)); only with bradley_terry and without gradient checkpointing.
         """
         super().__init__(optimizer, schedule, weight_decay)
         if loss not in LOSSES:

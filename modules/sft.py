@@ -35,15 +35,16 @@ class SFTModule(StageModule):
         rouge_samples: int = 0,
         generation: Optional[GenerationConfig] = None,
     ) -> None:
-        """Args:
-        model: spec of the policy to fine-tune (built in configure_model).
-        optimizer: optimizer class and arguments; biases and norms get no weight decay.
-        schedule: warmup + decay of the learning rate.
-        weight_decay: decoupled weight decay of the weight matrices.
-        lora: train low-rank adapters instead of all weights (merged on export).
-        rouge_samples: at each validation, greedily generate for this many held-out prompts and log
-            ROUGE-1/2/L against the references (0 disables).
-        generation: settings of those generations (greedy by default).
+        """
+        Args:
+            model: spec of the policy to fine-tune (built in configure_model).
+            optimizer: optimizer class and arguments; biases and norms get no weight decay.
+            schedule: warmup + decay of the learning rate.
+            weight_decay: decoupled weight decay of the weight matrices.
+            lora: train low-rank adapters instead of all weights (merged on export).
+            rouge_samples: at each validation, greedily generate for this many held-out prompts and log
+                ROUGE-1/2/L against the references (0 disables).
+            generation: settings of those generations (greedy by default).
         """
         super().__init__(optimizer, schedule, weight_decay)
         self.save_hyperparameters()

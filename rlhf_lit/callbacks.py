@@ -26,12 +26,13 @@ class HFExport(L.Callback):
     """
 
     def __init__(self, dirpath: str, dtype: Optional[str] = None, overwrite: bool = False) -> None:
-        """Args:
-        dirpath: output directory (an earlier rlhf-lit export there is replaced).
-        dtype: floating weights saved as float32, bfloat16 or float16 (config.json says so); None keeps
-            the dtype they were trained in (fp32 master weights under bf16-mixed).
-        overwrite: replace ``dirpath`` even when rlhf-lit did not write it (``rlhf-lit --overwrite fit ...``
-            sets this for every export).
+        """
+        Args:
+            dirpath: output directory (an earlier rlhf-lit export there is replaced).
+            dtype: floating weights saved as float32, bfloat16 or float16 (config.json says so); None keeps
+                the dtype they were trained in (fp32 master weights under bf16-mixed).
+            overwrite: replace ``dirpath`` even when rlhf-lit did not write it (``rlhf-lit --overwrite fit ...``
+                sets this for every export).
         """
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"HFExport dtype must be one of {', '.join(DTYPES)} or null, got {dtype!r}")
@@ -97,9 +98,10 @@ class SampleTable(L.Callback):
     to ``samples.jsonl`` in the log directory when W&B is not the logger."""
 
     def __init__(self, every_n: int = 1, max_rows: int = 16) -> None:
-        """Args:
-        every_n: log every n-th time the module has new samples.
-        max_rows: rows per table.
+        """
+        Args:
+            every_n: log every n-th time the module has new samples.
+            max_rows: rows per table.
         """
         self.every_n, self.max_rows, self.count = every_n, max_rows, 0
 
@@ -150,8 +152,9 @@ class NonFiniteGuard(L.Callback):
     """
 
     def __init__(self, max_in_row: int = 10) -> None:
-        """Args:
-        max_in_row: consecutive non-finite steps tolerated before the run stops.
+        """
+        Args:
+            max_in_row: consecutive non-finite steps tolerated before the run stops.
         """
         self.max_in_row, self.in_row, self.total = max_in_row, 0, 0
         self.checkpoint: Path | None = None

@@ -27,6 +27,24 @@ SUBCOMMANDS = {
     "experiments": "rlhf_lit.experiments:main",
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
+HELP = """usage: rlhf-lit [--verbose] [--overwrite] COMMAND ...
+
+Stages (LightningCLI; `rlhf-lit fit --help`, and `--model.help CLASS` for a module's keys):
+  fit          train a stage: rlhf-lit fit --config configs/sft/tiny.yaml (resume: --ckpt_path last)
+  validate     validate a stage's module (SFT, reward, DPO) from --ckpt_path
+  test, predict  Lightning's, where a module defines them
+Project commands (`rlhf-lit COMMAND --help`):
+  pipeline     run a list of stages in one run directory: rlhf-lit pipeline --config configs/pipeline/quickstart.yaml
+  experiments  run a study's ablations over seeds and compare them: rlhf-lit experiments run experiments/gold_task
+  evaluate     score exported policies on a prompt file (gold checker or reward model, KL, win rate)
+  chat         talk to an exported policy
+  data         inspect a data source or blend as a stage would read it
+  models       convert models (SmolLM2 from its GGUF, any GGUF file)
+  recipes      list the shipped configs, usable anywhere as --config recipe:NAME
+Flags before the command:
+  --verbose    tracebacks and library logs (also RLHF_LIT_VERBOSE=1)
+  --overwrite  replace output paths rlhf-lit did not write (exports, converted models)
+"""
 
 
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
@@ -102,6 +120,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         quiet()
     from rlhf_lit.errors import InputError
 
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return 0 if argv else 2
     if argv and argv[0] in SUBCOMMANDS:
         try:
             return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0

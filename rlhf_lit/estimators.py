@@ -32,9 +32,10 @@ class GAE(AdvantageEstimator):
     """Generalised advantage estimation against a learned critic (PPO's default in RLHF)."""
 
     def __init__(self, gamma: float = 1.0, lam: float = 0.95) -> None:
-        """Args:
-        gamma: discount over response tokens.
-        lam: GAE lambda (bias-variance trade-off).
+        """
+        Args:
+            gamma: discount over response tokens.
+            lam: GAE lambda (bias-variance trade-off).
         """
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
             raise ValueError(f"GAE needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
@@ -59,10 +60,11 @@ class GroupBaseline(AdvantageEstimator):
     token_whitening = False
 
     def __init__(self, baseline: str = "grpo", samples_per_prompt: int = 4) -> None:
-        """Args:
-        baseline: 'grpo' (group mean and std), 'rloo' (leave-one-out mean) or 'mean' (group mean only,
-            Dr. GRPO).
-        samples_per_prompt: completions sampled for each prompt (the group size, >= 2).
+        """
+        Args:
+            baseline: 'grpo' (group mean and std), 'rloo' (leave-one-out mean) or 'mean' (group mean only,
+                Dr. GRPO).
+            samples_per_prompt: completions sampled for each prompt (the group size, >= 2).
         """
         if baseline not in ppo.GROUP_BASELINES:
             raise ValueError(f"baseline must be one of {ppo.GROUP_BASELINES}, got {baseline!r}")
@@ -80,8 +82,9 @@ class GRPO(GroupBaseline):
     """Group-normalised advantages (Shao et al. 2024)."""
 
     def __init__(self, samples_per_prompt: int = 4) -> None:
-        """Args:
-        samples_per_prompt: completions sampled for each prompt (>= 2).
+        """
+        Args:
+            samples_per_prompt: completions sampled for each prompt (>= 2).
         """
         super().__init__("grpo", samples_per_prompt)
 
@@ -91,8 +94,9 @@ class DrGRPO(GroupBaseline):
     with ``algo.loss_agg: seq_mean_token_sum_norm`` for the paper's constant loss normaliser."""
 
     def __init__(self, samples_per_prompt: int = 4) -> None:
-        """Args:
-        samples_per_prompt: completions sampled for each prompt (>= 2).
+        """
+        Args:
+            samples_per_prompt: completions sampled for each prompt (>= 2).
         """
         super().__init__("mean", samples_per_prompt)
 
@@ -101,8 +105,9 @@ class RLOO(GroupBaseline):
     """REINFORCE leave-one-out baseline (Ahmadian et al. 2024)."""
 
     def __init__(self, samples_per_prompt: int = 4) -> None:
-        """Args:
-        samples_per_prompt: completions sampled for each prompt (>= 2).
+        """
+        Args:
+            samples_per_prompt: completions sampled for each prompt (>= 2).
         """
         super().__init__("rloo", samples_per_prompt)
 
@@ -117,10 +122,11 @@ class REINFORCEPP(AdvantageEstimator):
     needs_critic = False
 
     def __init__(self, gamma: float = 1.0, samples_per_prompt: int = 1, group_baseline: bool = False) -> None:
-        """Args:
-        gamma: discount over response tokens.
-        samples_per_prompt: completions sampled for each prompt.
-        group_baseline: subtract each group's mean score (needs samples_per_prompt >= 2).
+        """
+        Args:
+            gamma: discount over response tokens.
+            samples_per_prompt: completions sampled for each prompt.
+            group_baseline: subtract each group's mean score (needs samples_per_prompt >= 2).
         """
         if not 0 <= gamma <= 1:
             raise ValueError(f"REINFORCEPP needs gamma in [0, 1], got {gamma}")

@@ -29,8 +29,9 @@ class FixedKL(KLController):
     """A constant beta."""
 
     def __init__(self, value: float = 0.05) -> None:
-        """Args:
-        value: the KL coefficient beta.
+        """
+        Args:
+            value: the KL coefficient beta.
         """
         super().__init__(value)
 
@@ -39,10 +40,11 @@ class AdaptiveKL(KLController):
     """Proportional controller: beta_{t+1} = beta_t * (1 + clip(KL/target - 1, -0.2, 0.2) * n / horizon)."""
 
     def __init__(self, init: float = 0.05, target: float = 6.0, horizon: int = 10000) -> None:
-        """Args:
-        init: the starting beta.
-        target: the per-sequence KL the controller aims at (nats).
-        horizon: how many sequences it takes to correct a full error.
+        """
+        Args:
+            init: the starting beta.
+            target: the per-sequence KL the controller aims at (nats).
+            horizon: how many sequences it takes to correct a full error.
         """
         super().__init__(init)
         if target <= 0 or horizon <= 0:

@@ -198,15 +198,16 @@ class HFModel(ModelSpec):
         dropout: Optional[float] = None,
         gguf_file: Optional[str] = None,
     ) -> None:
-        """Args:
-        path: hub name (e.g. facebook/opt-1.3b) or local directory written by save_pretrained.
-        dtype: weights dtype: float32, bfloat16 or float16.
-        trust_remote_code: allow model code from the hub (off unless asked).
-        revision: hub branch, tag or commit.
-        gradient_checkpointing: recompute activations in backward to save memory.
-        dropout: set every dropout probability of the model to this (None: keep the checkpoint's).
-        gguf_file: a GGUF file inside ``path`` (dequantised on load; needs the ``gguf`` package).
-            ``rlhf-lit models`` converts one to an ordinary directory once, which loads much faster.
+        """
+        Args:
+            path: hub name (e.g. facebook/opt-1.3b) or local directory written by save_pretrained.
+            dtype: weights dtype: float32, bfloat16 or float16.
+            trust_remote_code: allow model code from the hub (off unless asked).
+            revision: hub branch, tag or commit.
+            gradient_checkpointing: recompute activations in backward to save memory.
+            dropout: set every dropout probability of the model to this (None: keep the checkpoint's).
+            gguf_file: a GGUF file inside ``path`` (dequantised on load; needs the ``gguf`` package).
+                ``rlhf-lit models`` converts one to an ordinary directory once, which loads much faster.
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -300,16 +301,17 @@ class TinyModel(ModelSpec):
         seed: int = 0,
         gradient_checkpointing: bool = False,
     ) -> None:
-        """Args:
-        family: opt, gpt2, bloom, gpt_neox, gptj, gpt_neo, codegen, llama, qwen2, mistral, gemma, gemma2 or phi3.
-        hidden_size: model width.
-        num_layers: transformer blocks.
-        num_heads: attention heads (must divide hidden_size).
-        ffn_size: feed-forward width.
-        max_positions: longest sequence the position embeddings cover.
-        dropout: every dropout probability of the config (0 for reproducible small runs).
-        seed: initialisation seed (weights are the same for the same seed and shape).
-        gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        Args:
+            family: opt, gpt2, bloom, gpt_neox, gptj, gpt_neo, codegen, llama, qwen2, mistral, gemma, gemma2 or phi3.
+            hidden_size: model width.
+            num_layers: transformer blocks.
+            num_heads: attention heads (must divide hidden_size).
+            ffn_size: feed-forward width.
+            max_positions: longest sequence the position embeddings cover.
+            dropout: every dropout probability of the config (0 for reproducible small runs).
+            seed: initialisation seed (weights are the same for the same seed and shape).
+            gradient_checkpointing: recompute activations in backward to save memory.
         """
         if hidden_size % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")

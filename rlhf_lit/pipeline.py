@@ -117,16 +117,17 @@ class Pipeline:
         evaluation: Optional[EvalPlan] = None,
         checkpoint_every_n_steps: int = 50,
     ) -> None:
-        """Args:
-        run_dir: output directory: one folder per stage, summary.json, the plot.
-        blend: the data blend of every stage (init args of datamodules.Blend); its seeded split keeps
-            the stages' rows disjoint.
-        stages: the stages in order.
-        tokenizer: tokenizer spec of the first stage (class_path/init_args); default: a BPE trained on the
-            blend, saved in RUN_DIR/tokenizer. Later stages use the first stage's exported tokenizer
-            unless their inputs set data.init_args.tokenizer.
-        evaluation: held-out evaluation settings.
-        checkpoint_every_n_steps: how often each stage saves the checkpoint a re-run resumes from.
+        """
+        Args:
+            run_dir: output directory: one folder per stage, summary.json, the plot.
+            blend: the data blend of every stage (init args of datamodules.Blend); its seeded split keeps
+                the stages' rows disjoint.
+            stages: the stages in order.
+            tokenizer: tokenizer spec of the first stage (class_path/init_args); default: a BPE trained on the
+                blend, saved in RUN_DIR/tokenizer. Later stages use the first stage's exported tokenizer
+                unless their inputs set data.init_args.tokenizer.
+            evaluation: held-out evaluation settings.
+            checkpoint_every_n_steps: how often each stage saves the checkpoint a re-run resumes from.
         """
         self.run_dir = Path(run_dir)
         self.blend = blend

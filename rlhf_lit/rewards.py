@@ -90,19 +90,20 @@ class ModelReward(RewardSource):
         max_length: Optional[int] = None,
         stats_rollouts: int = 0,
     ) -> None:
-        """Args:
-        path: directory (or hub name) of the reward model and its tokenizer.
-        normalize: standardise scores with the score_mean/score_std saved with the model (rlhf-lit exports,
-            or a sequence-classification config carrying them); see stats_rollouts for models without them.
-        dtype: weights dtype.
-        format: 'auto' (detected), 'rlhf_lit', 'sequence_classification' or 'causal' (a new, untrained head:
-            for wiring tests and critic init, not a meaningful reward).
-        chat_template: how this model's tokenizer renders conversations ('auto', 'hh' or a Jinja file).
-        max_length: longest sequence scored when re-tokenising (default: the model's position limit);
-            longer ones lose tokens after their header (the oldest turns; BOS and the template's system block
-            and first role header stay), counted in ``truncated`` (logged as reward/truncated_rows).
-        stats_rollouts: with normalize and no saved statistics, estimate mean/std from the scores of the
-            first N calls (rollout batches; running estimates meanwhile), then keep them fixed.
+        """
+        Args:
+            path: directory (or hub name) of the reward model and its tokenizer.
+            normalize: standardise scores with the score_mean/score_std saved with the model (rlhf-lit exports,
+                or a sequence-classification config carrying them); see stats_rollouts for models without them.
+            dtype: weights dtype.
+            format: 'auto' (detected), 'rlhf_lit', 'sequence_classification' or 'causal' (a new, untrained head:
+                for wiring tests and critic init, not a meaningful reward).
+            chat_template: how this model's tokenizer renders conversations ('auto', 'hh' or a Jinja file).
+            max_length: longest sequence scored when re-tokenising (default: the model's position limit);
+                longer ones lose tokens after their header (the oldest turns; BOS and the template's system block
+                and first role header stay), counted in ``truncated`` (logged as reward/truncated_rows).
+            stats_rollouts: with normalize and no saved statistics, estimate mean/std from the scores of the
+                first N calls (rollout batches; running estimates meanwhile), then keep them fixed.
         """
         super().__init__()
         if format not in FORMATS:
@@ -199,8 +200,9 @@ class CallableReward(RewardSource):
     requires that the rows do not carry is a one-line error."""
 
     def __init__(self, function: str) -> None:
-        """Args:
-        function: import path, e.g. 'datamodules.synthetic:gold_reward'.
+        """
+        Args:
+            function: import path, e.g. 'datamodules.synthetic:gold_reward'.
         """
         super().__init__()
         self.function = function
@@ -250,13 +252,14 @@ class HTTPReward(RewardSource):
         backoff: float = 0.5,
         headers: Optional[dict[str, str]] = None,
     ) -> None:
-        """Args:
-        url: the endpoint, e.g. http://127.0.0.1:8000/score.
-        batch_size: rows per request.
-        timeout: seconds to wait for each request.
-        retries: further attempts after a timeout, a connection error or a 5xx answer.
-        backoff: seconds before the first retry, doubled after each.
-        headers: extra HTTP headers (e.g. an Authorization token).
+        """
+        Args:
+            url: the endpoint, e.g. http://127.0.0.1:8000/score.
+            batch_size: rows per request.
+            timeout: seconds to wait for each request.
+            retries: further attempts after a timeout, a connection error or a 5xx answer.
+            backoff: seconds before the first retry, doubled after each.
+            headers: extra HTTP headers (e.g. an Authorization token).
         """
         super().__init__()
         if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
@@ -307,9 +310,10 @@ class SumReward(RewardSource):
     """A weighted sum of reward sources."""
 
     def __init__(self, sources: list[RewardSource], weights: Optional[list[float]] = None) -> None:
-        """Args:
-        sources: the reward sources.
-        weights: one weight per source (default all 1).
+        """
+        Args:
+            sources: the reward sources.
+            weights: one weight per source (default all 1).
         """
         super().__init__()
         weights = weights or [1.0] * len(sources)

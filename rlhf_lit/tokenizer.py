@@ -43,16 +43,17 @@ class HFTokenizer(TokenizerSpec):
         gguf_file: Optional[str] = None,
         trust_remote_code: bool = False,
     ) -> None:
-        """Args:
-        path: hub name or local directory with tokenizer files.
-        chat_template: how conversations are rendered: 'auto' (the tokenizer's chat template when it
-            has one, else the HH text format), 'hh', or the path of a Jinja template file. Saved with
-            the stage's export, so later stages, evaluate and chat render the same way.
-        add_pad_token: add a dedicated ``<pad>`` token when the tokenizer has none (the model's
-            embeddings grow by one row, initialised to the mean embedding, identically in every model).
-            Default: reuse eos as pad (masked by the attention mask), leaving the vocabulary unchanged.
-        gguf_file: a GGUF file inside ``path`` to read the tokenizer from (needs the ``gguf`` package).
-        trust_remote_code: allow tokenizer code from the hub (off unless asked).
+        """
+        Args:
+            path: hub name or local directory with tokenizer files.
+            chat_template: how conversations are rendered: 'auto' (the tokenizer's chat template when it
+                has one, else the HH text format), 'hh', or the path of a Jinja template file. Saved with
+                the stage's export, so later stages, evaluate and chat render the same way.
+            add_pad_token: add a dedicated ``<pad>`` token when the tokenizer has none (the model's
+                embeddings grow by one row, initialised to the mean embedding, identically in every model).
+                Default: reuse eos as pad (masked by the attention mask), leaving the vocabulary unchanged.
+            gguf_file: a GGUF file inside ``path`` to read the tokenizer from (needs the ``gguf`` package).
+            trust_remote_code: allow tokenizer code from the hub (off unless asked).
         """
         self.path, self.chat_template, self.add_pad_token = path, chat_template, add_pad_token
         self.gguf_file, self.trust_remote_code = gguf_file, trust_remote_code
@@ -86,10 +87,11 @@ class TrainedBPE(TokenizerSpec):
     """A byte-level BPE trained locally on the run's text, cached in ``save_dir`` (offline work and tests)."""
 
     def __init__(self, save_dir: str, vocab_size: int = 2000, min_frequency: int = 2) -> None:
-        """Args:
-        save_dir: where the trained tokenizer is saved; reused when it already holds one.
-        vocab_size: target vocabulary size, special tokens included.
-        min_frequency: minimum pair count for a merge.
+        """
+        Args:
+            save_dir: where the trained tokenizer is saved; reused when it already holds one.
+            vocab_size: target vocabulary size, special tokens included.
+            min_frequency: minimum pair count for a merge.
         """
         self.save_dir, self.vocab_size, self.min_frequency = save_dir, vocab_size, min_frequency
 

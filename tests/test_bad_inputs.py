@@ -241,6 +241,15 @@ def test_pipeline_config_errors_are_one_line(tmp_path):
     assert out.stderr.strip() == "rlhf-lit pipeline: error: config key stages: Option 'confg' is not accepted"
 
 
+def test_help_lists_every_command():
+    from rlhf_lit.cli import LIGHTNING, SUBCOMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "--help"], capture_output=True, text=True, timeout=60)
+    listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert out.returncode == 0 and set(SUBCOMMANDS) | set(LIGHTNING) - {"test", "predict"} <= listed, out.stdout
+    assert "test, predict" in out.stdout and "--overwrite" in out.stdout
+
+
 def test_unknown_command_is_one_line():
     out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "trian"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr

@@ -304,3 +304,29 @@ def test_ppo_runs_for_every_family(family, tokenizer_dir, tmp_path):
     t.fit(module, datamodule=dm)
     assert changed(actor0, module.ac.policy) and changed(critic0, module.ac.critic) and unchanged(ref0, module.ref)
     assert torch.isfinite(t.callback_metrics["ppo/policy_loss"])
+
+
+def test_every_config_key_of_stages_and_datamodules_shows_its_docstring_in_help():
+    """``rlhf-lit fit --model.help modules.PPOModule`` shows each key's docstring (#28): jsonargparse reads a
+    Google "Args:" section only when it is one (a docstring opening with "Args:" on its first line is read
+    as a summary and every key showed its type alone)."""
+    import inspect
+
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    import datamodules
+    import modules
+    from rlhf_lit import callbacks, generation, rollout
+
+    classes = [c for m in (modules, datamodules, callbacks) for _, c in inspect.getmembers(m, inspect.isclass)]
+    classes = [c for c in classes if issubclass(c, (L.LightningModule, L.LightningDataModule, L.Callback))]
+    classes += [rollout.PPOConfig, generation.GenerationConfig]
+    assert len(classes) >= 8
+    for cls in classes:
+        if cls.__module__.split(".")[0] not in ("modules", "datamodules", "rlhf_lit"):
+            continue
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "c", sub_configs=True)
+        bare = [a.dest for a in parser._actions if a.dest.startswith("c.") and (a.help or "").startswith("(type")]
+        assert not bare, f"{cls.__name__}: keys without a docstring: {bare}"
