@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from datamodules import collate as C
 from datamodules.blend import Blend
 from datamodules.sampler import ResumableSampler
+from rlhf_lit.errors import InputError
 from rlhf_lit.tokenizer import TokenizerSpec
 
 
@@ -58,6 +59,9 @@ class StageDataModule(L.LightningDataModule):
                 a DPO stage on the reward model's pairs reads ``reward``).
         """
         super().__init__()
+        for key, value, least in (("max_seq_len", max_seq_len, 2), ("batch_size", batch_size, 1)):
+            if value < least:  # up front, not a cryptic "check the sources and the split" later (#28)
+                raise InputError(f"data.init_args.{key}: must be at least {least}, got {value}")
         self.blend, self.tokenizer_spec = blend, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_seq_len, self.eval_limit, self.num_workers, self.seed = max_seq_len, eval_limit, num_workers, seed
@@ -242,6 +246,8 @@ class PromptDataModule(StageDataModule):
             ptx_batch_size: batch size of the ptx loader (defaults to batch_size).
         """
         super().__init__(*args, **kwargs)
+        if max_prompt_len < 1:
+            raise InputError(f"data.init_args.max_prompt_len: must be at least 1, got {max_prompt_len}")
         self.max_prompt_len, self.ptx_blend = max_prompt_len, ptx_blend
         self.ptx_batch_size = ptx_batch_size or self.batch_size
         self.ptx_items: list[dict] = []

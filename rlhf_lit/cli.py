@@ -147,6 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         expanded = expand_config_args(argv)  # --config recipe:NAME
+        check_yaml_files(expanded)
         check_ckpt_path(expanded)
         with warnings.catch_warnings():  # Lightning warns and trains from scratch: a silent restart (#28)
             warnings.filterwarnings("error", message=NOTHING_TO_RESUME)
@@ -182,6 +183,26 @@ NOTHING_TO_RESUME = r'.*ckpt_path="last"\) is set, but there is no last checkpoi
 KEYWORD_CKPTS = ("last", "best", "hpc", "registry")
 
 
+def check_yaml_files(args: list[str]) -> None:
+    """A ``--config`` file with a YAML syntax error is one line with its file, line and column (jsonargparse
+    reports the parser's message alone, without either, #28)."""
+    import yaml
+
+    from rlhf_lit.errors import InputError
+
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and os.path.isfile(path):
+            try:
+                yaml.safe_load(open(path, encoding="utf-8"))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+                raise InputError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: bytes are not valid UTF-8") from None
+
+
 def check_ckpt_path(args: list[str]) -> None:
     """A ``--ckpt_path`` file that does not exist is one line naming it (Lightning raises deep in fit)."""
     from rlhf_lit.errors import InputError
@@ -201,9 +222,10 @@ def root_cause(e: BaseException) -> str:
         key = re.match(r'Parser key "([^"]+)"', str(e).strip())
         if key and (not keys or keys[-1] != key.group(1)):
             keys.append(key.group(1))
-        if (e.__cause__ or e.__context__) is None:
+        inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)  # `raise ... from None`: stop
+        if inner is None:
             break
-        e = e.__cause__ or e.__context__
+        e = inner
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return f"config key {'.'.join(keys)}: {line}" if keys else line

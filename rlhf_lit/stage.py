@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from rlhf_lit.errors import InputError
 from rlhf_lit.memory import release_freed_memory
 from rlhf_lit.models import check_frozen_dtype, hold_frozen
 from rlhf_lit.optim import LRSchedule, param_groups, with_fused_kernel
@@ -135,6 +136,9 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_groups())
+        bad = [g["lr"] for g in opt.param_groups if not g.get("lr", 1.0) > 0]
+        if bad:  # an lr of 0 trained nothing without a word (#28)
+            raise InputError(f"model.init_args.optimizer: the learning rate must be > 0, got {bad[0]}")
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed owns and wraps its optimizer
             opt = with_fused_kernel(opt)
         total = max(1, self.optimizer_steps())

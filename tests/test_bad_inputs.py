@@ -241,6 +241,16 @@ def test_pipeline_config_errors_are_one_line(tmp_path):
     assert out.stderr.strip() == "rlhf-lit pipeline: error: config key stages: Option 'confg' is not accepted"
 
 
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: [1,\n")
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(bad)], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        f"rlhf-lit: error: {bad}:3:1: YAML syntax error: expected the node content, but found '<stream end>'"
+    ), out.stderr
+
+
 def test_help_lists_every_command():
     from rlhf_lit.cli import LIGHTNING, SUBCOMMANDS
 
@@ -312,12 +322,27 @@ def test_normalizers_only_return_records_or_raise_counted_reasons(name, row):
         (["--model.init_args.optimizer.init_args.lr=fast"], "rlhf-lit: error:"),
         (["--trainer.max_steps=-5"], "rlhf-lit: error: `max_steps` must be a non-negative integer or -1"),
         (["test", "recipe:ppo/tiny"], "rlhf-lit: error: No `test_step()` method defined to run `Trainer.test`"),
+        (["--model.init_args.optimizer.init_args.lr=0"], "rlhf-lit: error: model.init_args.optimizer: the learning"),
+        (["--data.init_args.max_seq_len=1"], "rlhf-lit: error: data.init_args.max_seq_len: must be at least 2, got 1"),
+        (
+            ["fit", "recipe:ppo/tiny", "--data.init_args.max_prompt_len=0"],
+            "rlhf-lit: error: data.init_args.max_prompt_len",
+        ),
     ],
-    ids=["bad-value", "unknown-key", "bad-type", "negative-max-steps", "test-on-ppo"],
+    ids=[
+        "bad-value",
+        "unknown-key",
+        "bad-type",
+        "negative-max-steps",
+        "test-on-ppo",
+        "lr-0",
+        "seq-len-1",
+        "prompt-len-0",
+    ],
 )
 def test_fit_config_errors_are_one_line(args, expected):
-    command, recipe = args[:2] if args[0] == "test" else ("fit", "recipe:sft/tiny")
-    args = [] if args[0] == "test" else args
+    command, recipe = args[:2] if args[0] in ("test", "fit") else ("fit", "recipe:sft/tiny")
+    args = args[2:] if args[0] in ("test", "fit") else args
     out = subprocess.run(
         [sys.executable, "-m", "rlhf_lit.cli", command, "--config", recipe, "--trainer.logger=false", *args],
         capture_output=True, text=True, timeout=300,
