@@ -73,8 +73,12 @@ def main(argv: list[str]) -> int:
     while True:
         try:
             line = input("Human: ") if interactive else sys.stdin.readline()
+            line.encode("utf-8")  # stdin may decode with surrogateescape: undecodable bytes stay as surrogates
         except (EOFError, KeyboardInterrupt):
             break
+        except (UnicodeDecodeError, UnicodeEncodeError):  # bytes that are not text: one line, not a traceback (#28)
+            print("rlhf-lit chat: error: standard input: bytes are not valid UTF-8", file=sys.stderr)
+            return 1
         if not interactive and line == "":
             break  # end of piped input
         msg = line.strip()

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from rlhf_lit.chat_format import ChatFormat
+from rlhf_lit.errors import InputError
 from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts, stop_ids
 from rlhf_lit.hub import HubUnavailable
 from rlhf_lit.models import HFModel, load_scalar_model
@@ -25,8 +26,21 @@ from rlhf_lit.vllm_engine import require_vllm
 
 def load_policy(path: str, chat_template: str = "auto", dtype: str = "float32"):
     """An exported causal LM and its tokenizer (``chat_template`` as HFTokenizer's), in eval mode."""
+    spec = HFModel(path, dtype=dtype)
+    if Path(path).is_dir() and not_a_policy(spec):
+        raise InputError(f"{path}: a reward model or critic (a scalar head), not a policy to generate with")
     tok = HFTokenizer(path, chat_template=chat_template).load()
-    return HFModel(path, dtype=dtype).build_causal_lm(tok).eval(), tok
+    return spec.build_causal_lm(tok).eval(), tok
+
+
+def not_a_policy(spec: HFModel) -> bool:
+    """Whether a local model folder holds a scalar model (an rlhf-lit reward/critic export or a
+    sequence-classification checkpoint): loaded as a causal LM it would print garbage (#28)."""
+    config = Path(spec.path) / "config.json"
+    archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    return classifier or (spec.value_head_path() is not None and not causal)
 
 
 def sample(

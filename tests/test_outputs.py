@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from helpers import datamodule, trainer
 
 from datamodules import SFTDataModule
@@ -156,3 +157,34 @@ def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
     assert "no tokenizer files" in errors[0]
+
+
+def test_chat_and_evaluate_refuse_a_scalar_model_and_chat_names_bad_stdin(tmp_path):
+    """A reward/critic export given to chat or evaluate is one line (it loaded and printed garbage); bytes
+    on chat's standard input that are not UTF-8 are one line, not a 29-line traceback (#28)."""
+    import json
+
+    from rlhf_lit.evaluate import load_policy, not_a_policy
+    from rlhf_lit.models import HFModel
+
+    def folder(name, archs, head):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": archs}))
+        if head:
+            (d / "value_head.safetensors").write_bytes(b"")
+        return HFModel(str(d))
+
+    assert not_a_policy(folder("rm", ["LlamaModel"], True))  # an rlhf-lit reward or critic export
+    assert not_a_policy(folder("clf", ["LlamaForSequenceClassification"], False))
+    assert not not_a_policy(folder("actor", ["LlamaForCausalLM"], True))  # value_head_on_actor keeps its LM
+    with pytest.raises(InputError, match=r"rm: a reward model or critic \(a scalar head\), not a policy"):
+        load_policy(str(tmp_path / "rm"))
+    model = REPO / "models/smollm2-135m-instruct"
+    if not (model / "model.safetensors").exists():
+        pytest.skip("make smollm2 first (the stdin half of this test chats with SmolLM2)")
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "chat", "--model", str(model), "--max-new-tokens", "2"],
+                         input=b"hello\n\xff\xfe\n", capture_output=True, timeout=300)  # fmt: skip
+    err = out.stderr.decode().strip().splitlines()
+    assert out.returncode == 1 and err[-1] == "rlhf-lit chat: error: standard input: bytes are not valid UTF-8"
+    assert b"Assistant:" in out.stdout  # the first line was answered
