@@ -337,6 +337,10 @@ class TinyModel(ModelSpec):
         return self._build(AutoModel, tokenizer)
 
 
+MAX_ADDED_TOKENS = 1024
+"""tokens a tokenizer may have beyond a pretrained model's embeddings (a pad, chat-template specials)"""
+
+
 def fit_vocab(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
     """Grow the embeddings when the tokenizer gained tokens (an added pad); set the pad id.
 
@@ -345,6 +349,12 @@ def fit_vocab(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
     KL to the reference is exactly 0 at step 0."""
     if tokenizer is not None:
         old = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) - old > MAX_ADDED_TOKENS:  # not added tokens: another model's tokenizer (#28)
+            name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            raise InputError(
+                f"{name} has {len(tokenizer)} tokens but the model's embeddings have {old} rows: a tokenizer of "
+                f"another model? (rlhf-lit grows the embeddings by at most {MAX_ADDED_TOKENS} added tokens)"
+            )
         if len(tokenizer) > old:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             with torch.no_grad():

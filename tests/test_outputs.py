@@ -188,3 +188,22 @@ def test_chat_and_evaluate_refuse_a_scalar_model_and_chat_names_bad_stdin(tmp_pa
     err = out.stderr.decode().strip().splitlines()
     assert out.returncode == 1 and err[-1] == "rlhf-lit chat: error: standard input: bytes are not valid UTF-8"
     assert b"Assistant:" in out.stdout  # the first line was answered
+
+
+def test_a_tokenizer_far_larger_than_the_model_vocabulary_is_refused(tokenizer_dir, tmp_path):
+    """Another model's tokenizer would silently grow a pretrained model's embeddings (511 -> 49,152 rows,
+    #28); adding a pad or template tokens (a few rows) still works."""
+    from rlhf_lit.models import HFModel
+    from rlhf_lit.tokenizer import HFTokenizer
+
+    small = HFTokenizer(tokenizer_dir).load()
+    path = tmp_path / "tiny"
+    TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(
+        small
+    ).save_pretrained(path)
+    small.add_special_tokens({"additional_special_tokens": ["<|a|>", "<|b|>"]})  # two added tokens: grown
+    assert HFModel(str(path)).build_causal_lm(small).get_input_embeddings().num_embeddings == len(small)
+    big = HFTokenizer(tokenizer_dir).load()
+    big.add_tokens([f"tok{i}" for i in range(1100)])
+    with pytest.raises(InputError, match=r"has \d+ tokens but the model's embeddings have \d+ rows"):
+        HFModel(str(path)).build_causal_lm(big)
