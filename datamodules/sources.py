@@ -14,6 +14,7 @@ Pure Python: no lightning, deepspeed or wandb.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections import Counter
@@ -317,6 +318,21 @@ class LoadResult:
         return {"source": self.name, "rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped)}
 
 
+def check_options(label: str, name: str, factory: Callable, options: dict) -> None:
+    """Options a source does not take: one line naming them and the ones it does (#28: a command-line
+    override of ``blend.sources`` merges the replaced source's options into the new one)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise DataError(
+            f"source {label!r}: {', '.join(unknown)} not an option of {name} "
+            f"(its options: {', '.join(params) or 'none'}); "
+            "a command-line override of blend.sources keeps the replaced source's options: set sources in a YAML file"
+        )
+
+
 def load_source(
     name: str,
     path: Optional[str] = None,
@@ -332,6 +348,9 @@ def load_source(
     Invariant: ``rows == kept + sum(dropped.values())``."""
     options = dict(options or {})
     label = label or name
+    factory = GENERATORS.get(name) or REGISTRY.get(name)
+    if factory is not None:
+        check_options(label, name, factory, options)
     if name in GENERATORS:
         rows = ((f"{name} row {i}", r) for i, r in enumerate(GENERATORS[name](**options)))
         norm: Normalizer = lambda r: r  # generated rows are records already

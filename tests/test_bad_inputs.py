@@ -112,7 +112,7 @@ ERRORS = [
         {},
         "field 'title' is missing",
     ),
-    ("unknown-normalizer-option", "shp", "x.jsonl", GOOD_HH + "\n", {"min_ratio": 2}, "bad options ['min_ratio']"),
+    ("unknown-normalizer-option", "shp", "x.jsonl", GOOD_HH + "\n", {"min_ratio": 2}, "min_ratio not an option of shp"),
     (
         "json-field-map-wrong",
         "json",
@@ -378,3 +378,19 @@ def test_evaluate_prompt_files_fail_in_one_line_naming_file_and_line(name, conte
     good = tmp_path / "good.txt"
     good.write_text("first\\nline\n\nsecond\n")
     assert read_prompts(str(good)) == (["first\nline", "second"], {})
+
+
+def test_an_option_the_source_does_not_take_names_it_and_the_ones_it_does(tmp_path):
+    """``--data.init_args.blend.sources '[{name: json, ...}]'`` over a synthetic source kept its ``n``:
+    the error was "generic() got an unexpected keyword argument 'n'" (#28)."""
+    from datamodules.readers import DataError
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(DataError) as e:
+        load_source("json", path=str(f), options={"n": 5, "seed": 0})
+    assert str(e.value).startswith(
+        "source 'json': n, seed not an option of json (its options: fields, template, extra); a command-line"
+    )
+    with pytest.raises(DataError, match="'synthetic': path not an option of synthetic"):
+        load_source("synthetic", options={"path": "x"})
