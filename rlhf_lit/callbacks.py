@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from rlhf_lit.errors import InputError
 from rlhf_lit.models import DTYPES, gathered
 from rlhf_lit.outputs import check_output, mark
 
@@ -57,19 +59,24 @@ class HFExport(L.Callback):
 
         dm = trainer.datamodule
         data = dm.report() if dm is not None and hasattr(dm, "report") else []
-        check_output(self.dirpath, "HFExport dirpath", self.overwrite)  # still ours after training
-        tmp = self.dirpath.with_name(f".{self.dirpath.name}.partial")
+        target = self.dirpath
+        try:  # still ours after training? If not, the trained weights go beside it, never over it
+            check_output(target, "HFExport dirpath", self.overwrite)
+        except InputError as e:  # (raising here would lose the weights, and leave other ranks at the barrier)
+            target = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            rank_zero_warn(f"{e}; the export goes to {target} instead")
+        tmp = target.with_name(f".{target.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pl_module.export(tmp, data=data)
         if self.dtype is not None:
             for folder in {f.parent for f in tmp.rglob("*.safetensors")}:
                 cast_export(folder, self.dtype)
         mark(tmp, f"{getattr(pl_module, 'stage', 'stage')} export")
-        old = self.dirpath.with_name(f".{self.dirpath.name}.old")
-        if self.dirpath.exists():
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
             shutil.rmtree(old, ignore_errors=True)
-            self.dirpath.rename(old)
-        tmp.rename(self.dirpath)
+            target.rename(old)
+        tmp.rename(target)
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         elif old.exists():  # --overwrite over a file

@@ -207,3 +207,23 @@ def test_a_tokenizer_far_larger_than_the_model_vocabulary_is_refused(tokenizer_d
     big.add_tokens([f"tok{i}" for i in range(1100)])
     with pytest.raises(InputError, match=r"has \d+ tokens but the model's embeddings have \d+ rows"):
         HFModel(str(path)).build_causal_lm(big)
+
+
+def test_files_a_user_puts_into_the_export_path_during_training_are_kept(tokenizer_dir, tmp_path, monkeypatch):
+    """The path was free when fit started, a user wrote into it meanwhile: the trained weights go to a
+    timestamped sibling with a warning; the user's files are neither replaced nor lost (#28)."""
+    import lightning as L
+
+    monkeypatch.delenv("RLHF_LIT_OVERWRITE", raising=False)
+    out = tmp_path / "export"
+
+    class UserWrites(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            user_files(out)
+
+    module, dm = sft(tokenizer_dir)
+    with pytest.warns(UserWarning, match="the export goes to .*export\\.[0-9-]+ instead"):
+        trainer(tmp_path / "a", max_steps=1, callbacks=[HFExport(str(out)), UserWrites()]).fit(module, datamodule=dm)
+    assert (out / "notes.txt").read_text() == "my notes" and not (out / MARKER).exists()
+    (sibling,) = [p for p in tmp_path.glob("export.*")]
+    assert (sibling / MARKER).is_file() and (sibling / "model.safetensors").is_file()
