@@ -52,7 +52,8 @@ def score(source, prompts, responses, input_ids, attention_mask, columns: Option
     columns existed (``forward(prompts, responses, input_ids, attention_mask)``) keeps working. ``ended``
     ((B,) bool: the reply stopped at a stop token, not at max_new_tokens) reaches sources whose forward
     takes it (a reward model re-rendering the reply appends the end-of-turn token only to ended ones)."""
-    kw = {"ended": ended} if ended is not None and "ended" in inspect.signature(source.forward).parameters else {}
+    takes = "ended" in inspect.signature(getattr(source, "forward", source)).parameters  # a plain callable too
+    kw = {"ended": ended} if ended is not None and takes else {}
     if columns:
         return source(prompts, responses, input_ids, attention_mask, columns, **kw)
     return source(prompts, responses, input_ids, attention_mask, **kw)
