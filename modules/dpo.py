@@ -11,7 +11,6 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from rlhf_lit import losses
 from rlhf_lit.dpo import DPOConfig, response_logps
-from rlhf_lit.errors import InputError
 from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, merged, set_dropout
 from rlhf_lit.optim import LRSchedule
 from rlhf_lit.stage import StageModule
@@ -54,11 +53,7 @@ class DPOModule(StageModule):
                 with a GPT-2/OPT checkpoint's 0.1 three calls on one batch gave 0.6903 / 0.6901 / 0.6947 (#27).
                 None keeps the checkpoint's.
         """
-        if lora is not None and reference is not None:  # TRL refuses the pair too: the spec would be ignored
-            raise InputError(
-                "model.init_args.reference: with lora the reference is the model with its adapters disabled; "
-                "remove reference, or lora to train against another reference"
-            )
+        self.refuse_reference_with_lora(lora, reference, "model")
         super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters()
         self.spec, self.ref_spec, self.lora = model, reference or model, lora

@@ -14,7 +14,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit import losses, ppo
-from rlhf_lit.errors import InputError
 from rlhf_lit.estimators import GAE, AdvantageEstimator
 from rlhf_lit.generation import GenerationConfig
 from rlhf_lit.kl_control import FixedKL, KLController
@@ -106,11 +105,7 @@ class PPOModule(StageModule):
         super().__init__(optimizer, schedule, weight_decay, frozen_dtype)
         self.save_hyperparameters(ignore=["reward", "monitor"])
         self.automatic_optimization = False
-        if lora is not None and reference is not None:  # TRL refuses the pair too: the spec would be ignored
-            raise InputError(
-                "model.init_args.reference: with lora the reference is the actor with its adapters disabled; "
-                "remove reference, or lora to train against another reference"
-            )
+        self.refuse_reference_with_lora(lora, reference, "actor")
         self.actor_spec, self.critic_spec, self.ref_spec = actor, critic, reference or actor
         self.reward, self.lora, self.critic_lora, self.monitor = reward, lora, critic_lora, monitor
         self.kl = kl or FixedKL(0.05)

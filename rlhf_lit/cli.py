@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 # Set before lightning/transformers import: W&B then never blocks on a login prompt without a TTY.
@@ -183,6 +184,12 @@ NOTHING_TO_RESUME = r'.*ckpt_path="last"\) is set, but there is no last checkpoi
 KEYWORD_CKPTS = ("last", "best", "hpc", "registry")
 
 
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``args``, as ``--flag VALUE`` or ``--flag=VALUE``."""
+    spaced = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag]
+    return spaced + [arg.partition("=")[2] for arg in args if arg.startswith(flag + "=")]
+
+
 def check_yaml_files(args: list[str]) -> None:
     """A ``--config`` file with a YAML syntax error is one line with its file, line and column (jsonargparse
     reports the parser's message alone, without either, #28)."""
@@ -190,11 +197,10 @@ def check_yaml_files(args: list[str]) -> None:
 
     from rlhf_lit.errors import InputError
 
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2]
-        if (arg == "--config" or arg.startswith("--config=")) and os.path.isfile(path):
+    for path in flag_values(args, "--config"):
+        if os.path.isfile(path):
             try:
-                yaml.safe_load(open(path, encoding="utf-8"))
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
                 where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -207,9 +213,7 @@ def check_ckpt_path(args: list[str]) -> None:
     """A ``--ckpt_path`` file that does not exist is one line naming it (Lightning raises deep in fit)."""
     from rlhf_lit.errors import InputError
 
-    for i, arg in enumerate(args):
-        value = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else None
-        value = arg.partition("=")[2] if arg.startswith("--ckpt_path=") else value
+    for value in flag_values(args, "--ckpt_path"):
         if value and value not in KEYWORD_CKPTS and not value.startswith("registry") and not os.path.exists(value):
             raise InputError(f"--ckpt_path: {value} does not exist (to resume the newest: --ckpt_path last)")
 

@@ -76,15 +76,16 @@ def evaluate_policy(
     gen = gen or GenerationConfig()
     model, tok = load_policy(policy, chat_template)
     texts, batches = sample(model, tok, prompts, gen, batch_size, seed)
+    stops = stop_ids(tok, gen)
+    ended = [ended_with_stop(ids[:, p:], resp_mask, stops) for ids, _, p, resp_mask in batches]  # per batch
     out: dict = {"n": len(prompts), "response_len_mean": statistics.mean(len(tok(t)["input_ids"]) for t in texts)}
     for name, source in rewards.items():
         source.build(tok)
         scores = []
-        for i, (ids, mask, p, resp_mask) in enumerate(batches):
+        for i, (ids, mask, _, _) in enumerate(batches):
             chunk, resp = prompts[i * batch_size : (i + 1) * batch_size], texts[i * batch_size : (i + 1) * batch_size]
             cols = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in (columns or {}).items()}
-            ended = ended_with_stop(ids[:, p:], resp_mask, stop_ids(tok, gen))
-            scores += score(source, chunk, resp, ids, mask, cols, ended).tolist()
+            scores += score(source, chunk, resp, ids, mask, cols, ended[i]).tolist()
         out[f"{name}_mean"], out[f"{name}_std"] = statistics.mean(scores), statistics.pstdev(scores)
         out[f"{name}_scores"] = scores
     if reference:

@@ -134,6 +134,16 @@ class StageModule(L.LightningModule):
         """How many optimizer steps the schedule spans (PPO takes several per batch)."""
         return int(self.trainer.estimated_stepping_batches)
 
+    @staticmethod
+    def refuse_reference_with_lora(lora, reference, model: str) -> None:
+        """With LoRA the reference is ``model`` with its adapters disabled: an explicit reference spec would be
+        ignored, so the pair is refused (as TRL does), naming the key."""
+        if lora is not None and reference is not None:
+            raise InputError(
+                f"model.init_args.reference: with lora the reference is the {model} with its adapters disabled; "
+                "remove reference, or lora to train against another reference"
+            )
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_groups())
         bad = [g["lr"] for g in opt.param_groups if not g.get("lr", 1.0) > 0]
