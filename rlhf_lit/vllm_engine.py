@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,6 +139,9 @@ class VLLMEngine:
         self, llm, workdir: Optional[str], opts: VLLMOptions, on_gpu: bool, dtype: torch.dtype = torch.float32
     ):
         self.llm, self.workdir, self.opts, self.on_gpu = llm, workdir, opts, on_gpu
+        # The model copy (~0.5 GiB for SmolLM2) goes with the engine even when nobody calls close(): an engine
+        # kept for chat/evaluate (generation.attached_engine) or a fit that died left one in /tmp per run.
+        self._remove_copy = weakref.finalize(self, shutil.rmtree, workdir, True) if workdir else None
         self.dtype = dtype  # the engine's weights: syncs send this dtype (no cast, and no warning, per tensor)
         self.sync_s = 0.0  # seconds of the last weight sync
         self.asleep = False
@@ -251,6 +255,6 @@ class VLLMEngine:
     def close(self) -> None:
         """Release the engine and delete the temporary copy of the model it was built from."""
         self.llm = None
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        if self._remove_copy is not None:
+            self._remove_copy()  # runs once: rmtree(workdir, ignore_errors=True)
+        self.workdir = None

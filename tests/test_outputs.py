@@ -227,3 +227,24 @@ def test_files_a_user_puts_into_the_export_path_during_training_are_kept(tokeniz
     assert (out / "notes.txt").read_text() == "my notes" and not (out / MARKER).exists()
     (sibling,) = [p for p in tmp_path.glob("export.*")]
     assert (sibling / MARKER).is_file() and (sibling / "model.safetensors").is_file()
+
+
+def test_the_vllm_engine_model_copy_is_removed_with_the_engine(tmp_path):
+    """The engine's temporary model copy is deleted by close() and also when an engine nobody closed goes
+    away (chat/evaluate keep one with the model): 23 copies of 517 MiB had piled up in /tmp."""
+    import gc
+
+    from rlhf_lit.vllm_engine import VLLMEngine, VLLMOptions
+
+    closed, dropped = tmp_path / "closed", tmp_path / "dropped"
+    for d in (closed, dropped):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    engine = VLLMEngine(None, str(closed), VLLMOptions(), on_gpu=False)
+    engine.close()
+    engine.close()  # twice is harmless
+    assert not closed.exists() and engine.workdir is None
+    engine = VLLMEngine(None, str(dropped), VLLMOptions(), on_gpu=False)
+    del engine
+    gc.collect()
+    assert not dropped.exists()
