@@ -138,13 +138,15 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict[str, Tensor]:
 
 
 def encode_prompts(tok, records: list[dict], max_len: int) -> tuple[list[dict], Counter]:
-    """Prompt ids, truncated from the left (the end holds the turn the model must answer)."""
+    """Prompt ids, truncated from the left (the end holds the turn the model must answer); each item's
+    ``cut`` says whether its prompt was (the datamodule counts them)."""
     out, dropped = [], Counter()
     for rec, p in zip(records, ChatFormat(tok).prompt_ids([prompt_of(r) for r in records])):
         if not p:
             dropped["empty_prompt"] += 1
             continue
-        out.append({"prompt_ids": p[-max_len:], "prompt": rec["prompt"], "columns": rec.get("columns") or {}})
+        item = {"prompt_ids": p[-max_len:], "prompt": rec["prompt"], "columns": rec.get("columns") or {}}
+        out.append({**item, "cut": len(p) > max_len})
     return out, dropped
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from datamodules import collate as C
@@ -71,6 +71,8 @@ class StageDataModule(L.LightningDataModule):
         self.eval_items: list[dict] = []
         self.eval_records: list[dict] = []
         self.dropped: Counter = Counter()
+        self.cut: Counter = Counter()
+        """rows kept but cut to a length limit, by reason (counted and reported, never silent)"""
         self._resume: Optional[dict] = None
 
     packed = False
@@ -130,6 +132,7 @@ class StageDataModule(L.LightningDataModule):
                     "train": len(self.train_items),
                     "eval": len(self.eval_items),
                     "dropped_when_encoding": dict(self.dropped),
+                    **({"cut_when_encoding": dict(self.cut)} if +self.cut else {}),
                 }
             )
         )
@@ -253,7 +256,15 @@ class PromptDataModule(StageDataModule):
         self.ptx_items: list[dict] = []
 
     def encode(self, records):
-        return C.encode_prompts(self.tokenizer, records, self.max_prompt_len)
+        items, dropped = C.encode_prompts(self.tokenizer, records, self.max_prompt_len)
+        cut = sum(x.pop("cut") for x in items)
+        self.cut["prompt_cut_to_max_prompt_len"] += cut
+        if items and cut * 2 > len(items):  # a tiny max_prompt_len trains on prompt tails alone (#28)
+            rank_zero_warn(
+                f"data.init_args.max_prompt_len={self.max_prompt_len} cuts {cut} of {len(items)} prompts from the "
+                "left (the model sees only their last tokens)"
+            )
+        return items, dropped
 
     @staticmethod
     def length(item):

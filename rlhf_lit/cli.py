@@ -53,11 +53,26 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    class CLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            argv = list(sys.argv[1:] if args is None else args)
+            if flag_values(argv, ROOT_FLAG):  # one key moves every output (#28)
+                without = parser.parse_args(drop_flag(argv, ROOT_FLAG))
+                sub = self.config.get("subcommand")  # None when run=False (no subcommands)
+                now, before = (self.config[sub], without[sub]) if sub else (self.config, without)
+                reroot(now.trainer, before.trainer.default_root_dir)
+
+        def before_validate(self) -> None:
+            refuse_random_weights(self.model, self.config[self.subcommand].get("ckpt_path"), self.subcommand)
+
+        before_test = before_predict = before_validate
+
     saved_argv = sys.argv
     if args is not None:  # called from Python (pipeline, tests): the process's own argv is not ours
         sys.argv = sys.argv[:1]
     try:
-        return LightningCLI(
+        return CLI(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
@@ -71,6 +86,59 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         )
     finally:
         sys.argv = saved_argv
+
+
+ROOT_FLAG = "--trainer.default_root_dir"
+OUTPUT_KEYS = ("save_dir", "dirpath")  # the logger's and the checkpoint/export callbacks' output paths
+
+
+def drop_flag(args: list[str], flag: str) -> list[str]:
+    """``args`` without ``flag``, given as ``--flag VALUE`` or ``--flag=VALUE``."""
+    out, skip = [], False
+    for arg in args:
+        if skip or arg.startswith(flag + "="):
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def reroot(trainer, old_root: Optional[str]) -> None:
+    """Move every logger ``save_dir`` and callback ``dirpath`` that lies under the stage config's own
+    ``default_root_dir`` (``old_root``) to the same place under the one given on the command line.
+
+    Lightning derives none of them from ``default_root_dir``, so ``--trainer.default_root_dir`` alone moved
+    only Lightning's fallbacks while logs, checkpoints and the export stayed put (#28). Paths elsewhere
+    (a tokenizer shared by the stages, a path the user set) are kept as given.
+    """
+    new_root = trainer.default_root_dir
+    if not old_root or not new_root or Path(old_root) == Path(new_root):
+        return
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+    for part in [*loggers, *callbacks]:
+        init = getattr(part, "init_args", None)
+        for key in OUTPUT_KEYS if init is not None else ():
+            value = getattr(init, key, None)
+            if isinstance(value, (str, os.PathLike)) and Path(old_root) in (Path(value), *Path(value).parents):
+                setattr(init, key, str(Path(new_root) / Path(value).relative_to(old_root)))
+
+
+def refuse_random_weights(module, ckpt_path: Optional[str], command: str) -> None:
+    """``validate``/``test``/``predict`` of a module whose models are built from scratch (TinyModel) and no
+    ``--ckpt_path``: the figures would be a random model's, reported as if they meant something (#28)."""
+    from rlhf_lit.errors import InputError
+    from rlhf_lit.models import ModelSpec
+
+    random = sorted({type(v).__name__ for v in vars(module).values() if isinstance(v, ModelSpec) and not v.pretrained})
+    if random and not ckpt_path:
+        raise InputError(
+            f"{command}: the config's model is randomly initialised ({', '.join(random)}) and no --ckpt_path "
+            f"was given: pass a trained checkpoint (--ckpt_path PATH, or last)"
+        )
 
 
 def resolve(target: str):

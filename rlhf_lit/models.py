@@ -166,6 +166,9 @@ class ModelSpec:
     """Base class: how to build a causal LM and a scalar-head model for a tokenizer."""
 
     gradient_checkpointing: bool = False
+    pretrained: bool = True
+    """whether the weights come from a checkpoint (False: randomly initialised, so evaluating the spec
+    without a trained checkpoint scores noise)"""
 
     def build_causal_lm(self, tokenizer) -> PreTrainedModel:
         raise NotImplementedError
@@ -288,6 +291,8 @@ class HFModel(ModelSpec):
 
 class TinyModel(ModelSpec):
     """A small randomly initialised model of a given family, built from a config (offline)."""
+
+    pretrained = False
 
     def __init__(
         self,

@@ -394,3 +394,20 @@ def test_an_option_the_source_does_not_take_names_it_and_the_ones_it_does(tmp_pa
     )
     with pytest.raises(DataError, match="'synthetic': path not an option of synthetic"):
         load_source("synthetic", options={"path": "x"})
+
+
+def test_ppo_prompts_cut_by_max_prompt_len_are_counted_and_warned(tokenizer_dir):
+    """#28: a tiny max_prompt_len trains on prompt tails alone: the cut prompts are counted in the data
+    report and a warning names the key."""
+    from helpers import datamodule
+
+    from datamodules import PromptDataModule
+
+    dm = datamodule(PromptDataModule, tokenizer_dir, max_prompt_len=2)
+    with pytest.warns(UserWarning, match=r"data.init_args.max_prompt_len=2 cuts \d+ of \d+ prompts"):
+        dm.setup("fit")
+    assert dm.cut["prompt_cut_to_max_prompt_len"] == len(dm.train_items) + len(dm.eval_items) > 0
+    assert all(len(x["prompt_ids"]) == 2 and "cut" not in x for x in dm.train_items)
+    roomy = datamodule(PromptDataModule, tokenizer_dir, max_prompt_len=512)
+    roomy.setup("fit")
+    assert not +roomy.cut

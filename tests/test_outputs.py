@@ -248,3 +248,38 @@ def test_the_vllm_engine_model_copy_is_removed_with_the_engine(tmp_path):
     del engine
     gc.collect()
     assert not dropped.exists()
+
+
+def test_default_root_dir_moves_every_output_the_stage_config_places_under_its_own(tmp_path):
+    """One key for the output directory (#28): logs, checkpoints and the export follow
+    ``--trainer.default_root_dir``; a path outside the config's own root (the shared tokenizer) stays."""
+    from rlhf_lit.cli import lightning_cli
+
+    def outputs(*args):
+        cli = lightning_cli(["--config", "configs/sft/tiny.yaml", *args], run=False)
+        names = ("HFExport", "ModelCheckpoint")
+        dirs = {type(c).__name__: str(c.dirpath) for c in cli.trainer.callbacks if type(c).__name__ in names}
+        return {**dirs, "logs": cli.trainer.logger.save_dir, "tokenizer": cli.datamodule.tokenizer_spec.save_dir}
+
+    root = str(tmp_path / "mine")
+    moved = outputs("--trainer.default_root_dir", root)
+    assert moved == {"HFExport": f"{root}/export", "ModelCheckpoint": f"{root}/checkpoints", "logs": root,
+                     "tokenizer": "runs/tiny/tokenizer"}  # fmt: skip
+    assert outputs(f"--trainer.default_root_dir={root}") == moved
+    kept = outputs()  # without the flag: the config's own paths
+    assert kept["HFExport"].endswith("runs/tiny/sft/export") and kept["logs"] == "runs/tiny/sft"
+    # a path the user moved elsewhere on the command line is theirs: kept as given
+    mine = str(tmp_path / "elsewhere")
+    assert outputs("--trainer.default_root_dir", root, f"--trainer.logger.init_args.save_dir={mine}")["logs"] == mine
+
+
+def test_validate_a_randomly_initialised_config_without_a_checkpoint_is_refused(tmp_path):
+    """#28: ``validate`` of a TinyModel config without --ckpt_path would report a random model's figures."""
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_lit.cli", "validate", "--config", "recipe:sft/tiny", "--trainer.logger=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
+    assert errors[0].startswith("rlhf-lit: error: validate: the config's model is randomly initialised (TinyModel)")
+    assert not (tmp_path / "runs").exists()  # refused before any data or tokenizer work

@@ -121,3 +121,35 @@ def test_atomic_checkpoint_never_leaves_a_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"global_step": 2}, target)
     assert torch.load(target, weights_only=True)["global_step"] == 1
+
+
+def test_plain_fit_killed_mid_epoch_resumes_with_its_own_config(tmp_path):
+    """#28: the stage config as shipped (its ModelCheckpoint saves last.ckpt every 20 steps), one key for
+    every output (``--trainer.default_root_dir``), SIGKILL mid-epoch, ``--ckpt_path last``: the export equals
+    an uninterrupted run's."""
+    steps = 60  # 50 steps an epoch: the kill lands in the first epoch, after step 20's checkpoint
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fit = lambda root, *a: [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny",
+                            f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
+                            "--trainer.enable_progress_bar=false", *a]  # fmt: skip
+    whole = subprocess.run(fit("whole"), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert (tmp_path / "whole/logs").is_dir() and (tmp_path / "whole/checkpoints/last.ckpt").is_file()
+    assert not (tmp_path / "runs/tiny/sft").exists()  # nothing left at the config's own paths
+
+    proc = subprocess.Popen(fit("killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    last, deadline = tmp_path / "killed/checkpoints/last.ckpt", time.time() + 300
+    while last_step(last) < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 20 <= last_step(last) < steps and not (tmp_path / "killed/export").exists(), "the kill missed"
+
+    resumed = subprocess.run(fit("killed", "--ckpt_path", "last"), capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0 and "Restoring states" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = weights(tmp_path / "whole/export"), weights(tmp_path / "killed/export")
+    assert a.keys() == b.keys() and a
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed weights differ by {worst}"
