@@ -58,7 +58,7 @@ def resolve_dtypes(spec: str) -> list[str]:
         return spec.split(",")
     import torch
 
-    from rlhf_lit.models import native_half
+    from rlhf_lit.hf.models import native_half
 
     if native_half(torch.device("cpu"), torch.bfloat16):
         return ["fp32", "bf16"]

@@ -54,7 +54,7 @@ def main() -> None:
     from run_ours import timed_trainer
     from workload import build
 
-    from rlhf_lit.strategies import DeepSpeedStrategy
+    from rlhf_lit.training.strategies import DeepSpeedStrategy
 
     if a.dry_run:  # a check of the code path, not a measurement: bf16 is emulated on CPUs without bf16 units
         HPARAMS.update(batch_size=4, response_length=8)

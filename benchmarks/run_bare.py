@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from datamodules import collate as C
-from rlhf_lit import losses, ppo
-from rlhf_lit.generation import GenerationConfig
-from rlhf_lit.models import load_scalar_model
-from rlhf_lit.ops import logprobs_from_logits, split_shared_prompt
-from rlhf_lit.rollout import ActorCritic, make_rollout
+from rlhf_lit.hf.models import load_scalar_model
+from rlhf_lit.math import losses
+from rlhf_lit.math import rl as ppo
+from rlhf_lit.math.ops import logprobs_from_logits, split_shared_prompt
+from rlhf_lit.rl.actor_critic import ActorCritic
+from rlhf_lit.rl.experience import make_rollout
+from rlhf_lit.rl.generation import GenerationConfig
 
 H = HPARAMS
 
@@ -42,7 +44,7 @@ def batches(items, collate, steps: int):
 
 
 def optimizer(*groups):
-    # fused: what rlhf-lit and Hugging Face's Trainer pick for Adam on CPU (rlhf_lit.optim.with_fused_kernel)
+    # fused: what rlhf-lit and Hugging Face's Trainer pick for Adam on CPU (rlhf_lit.training.optim.with_fused_kernel)
     return torch.optim.AdamW([p for g in groups for p in g.parameters() if p.requires_grad], lr=H["lr"], fused=True)
 
 

@@ -17,14 +17,14 @@ from common import HPARAMS, UNITS, StepLog, emit, parser
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from datamodules.blend import Blend, SourceSpec
 from modules import PPOModule, RewardModule, SFTModule
-from rlhf_lit.estimators import GAE
-from rlhf_lit.generation import GenerationConfig
-from rlhf_lit.kl_control import FixedKL
-from rlhf_lit.models import HFModel, LoRA
-from rlhf_lit.optim import LRSchedule
-from rlhf_lit.rewards import ModelReward
-from rlhf_lit.rollout import PPOConfig
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.models import HFModel, LoRA
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.math.estimators import GAE
+from rlhf_lit.math.kl_control import FixedKL
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.generation import GenerationConfig
+from rlhf_lit.rl.rewards import ModelReward
+from rlhf_lit.training.optim import LRSchedule
 
 H = HPARAMS
 SPLITS = {"sft": [1, 0, 0], "reward": [0, 1, 0], "ppo": [0, 0, 1]}

@@ -29,8 +29,8 @@ for k, v in {
 }.items():
     os.environ.setdefault(k, v)
 
-from rlhf_lit.pipeline import Pipeline, StagePlan  # noqa: E402
-from rlhf_lit.recipes import resolve_pipeline_paths  # noqa: E402
+from rlhf_lit.apps.pipeline import Pipeline, StagePlan  # noqa: E402
+from rlhf_lit.apps.recipes import resolve_pipeline_paths  # noqa: E402
 
 
 def metrics(log_dir: Path) -> list[dict]:
@@ -72,7 +72,7 @@ def main() -> None:
         recipe["blend"],
         [StagePlan(**{**s, "overrides": fixed}) for s in recipe["stages"]],
         tokenizer={
-            "class_path": "rlhf_lit.tokenizer.TrainedBPE",
+            "class_path": "rlhf_lit.hf.tokenizer.TrainedBPE",
             "init_args": {"save_dir": str(out / "tokenizer"), "vocab_size": 600},
         },
     )

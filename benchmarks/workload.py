@@ -32,8 +32,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from datamodules.sources import split_hh
-from rlhf_lit.models import ScalarModel
-from rlhf_lit.tokenizer import save_atomically, train_bpe
+from rlhf_lit.hf.models import ScalarModel
+from rlhf_lit.hf.tokenizer import save_atomically, train_bpe
 
 # The fixed shapes: tiny (overhead-bound) and a ~30M-parameter size where matmuls dominate.
 SIZES = {

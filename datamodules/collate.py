@@ -1,7 +1,7 @@
 """Token encoding and padding for the three stages. Pure torch + a tokenizer: no lightning.
 
 Encoders return token-id lists (never max-length padded tensors); collate functions pad per batch.
-Conversations are rendered by :class:`rlhf_lit.chat_format.ChatFormat`: the tokenizer's chat template
+Conversations are rendered by :class:`rlhf_lit.hf.chat_format.ChatFormat`: the tokenizer's chat template
 when it has one (BOS by the template, replies closed by its end-of-turn token), the HH text otherwise.
 """
 
@@ -12,8 +12,8 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from rlhf_lit.chat_format import ChatFormat, to_messages
-from rlhf_lit.ops import pad_sequences as pad
+from rlhf_lit.hf.chat_format import ChatFormat, to_messages
+from rlhf_lit.math.ops import pad_sequences as pad
 
 
 def prompt_of(record: dict):

@@ -9,7 +9,7 @@ import sys
 
 from datamodules.readers import DataError
 from datamodules.sources import GENERATORS, REGISTRY, load_source
-from rlhf_lit.hub import HubUnavailable
+from rlhf_lit.hf.hub import HubUnavailable
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf_lit.errors import InputError
-from rlhf_lit.hub import require_hub
+from rlhf_lit.hf.hub import require_hub
 
 
 class DataError(InputError):

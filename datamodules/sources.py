@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from datamodules.readers import BadRow, DataError, read_hub, read_rows
-from rlhf_lit.chat_format import hh_text
+from rlhf_lit.hf.chat_format import hh_text
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"

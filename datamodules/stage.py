@@ -1,6 +1,6 @@
 """One LightningDataModule per kind of stage data over a :class:`~datamodules.blend.Blend`.
 
-Each implements :class:`rlhf_lit.stage.StageData`, the one contract stage modules read (tokenizer,
+Each implements :class:`rlhf_lit.training.stage_module.StageData`, the one contract stage modules read (tokenizer,
 held-out records, eval batch size, packing, data report): the tokenizer is trained or fetched once in
 ``prepare_data`` (one process per node) and loaded in ``setup``, which encodes the datamodule's part of
 the blend once (id lists, padded per batch) and reports rows kept and dropped by reason.
@@ -22,7 +22,7 @@ from datamodules import collate as C
 from datamodules.blend import Blend
 from datamodules.sampler import ResumableSampler
 from rlhf_lit.errors import InputError
-from rlhf_lit.tokenizer import TokenizerSpec
+from rlhf_lit.hf.tokenizer import TokenizerSpec
 
 
 class StageDataModule(L.LightningDataModule):

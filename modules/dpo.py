@@ -3,23 +3,23 @@ learns from preference pairs directly, with no reward model and no sampling (Raf
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from rlhf_lit import losses
-from rlhf_lit.dpo import DPOConfig, response_logps
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, merged, set_dropout
-from rlhf_lit.optim import LRSchedule
-from rlhf_lit.stage import StageModule
+from rlhf_lit.hf.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, merged, response_logps, set_dropout
+from rlhf_lit.math import losses
+from rlhf_lit.math.preference import DPOConfig
+from rlhf_lit.training.optim import LRSchedule
+from rlhf_lit.training.stage_module import StageModule
 
 
 class DPOModule(StageModule):
     """The policy (usually the SFT export) trained on chosen/rejected pairs against a frozen reference."""
 
     stage = "dpo"
+    frozen = ("ref",)  # the reference stays in eval mode (no dropout)
 
     def __init__(
         self,
@@ -74,13 +74,6 @@ class DPOModule(StageModule):
         if self.cfg.needs_reference and self.lora is None:
             self.ref = self.ref_spec.build_causal_lm(self.tokenizer).eval().requires_grad_(False)
         self.hold_frozen(self.ref, dtype=self.frozen_dtype)
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen reference
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.ref is not None:  # the frozen reference stays in eval mode (no dropout)
-            self.ref.eval()
-        return self
 
     @torch.no_grad()
     def reference_logps(self, batch):

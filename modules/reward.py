@@ -10,11 +10,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from rlhf_lit import losses
-from rlhf_lit.models import ModelSpec, enable_checkpointing
-from rlhf_lit.ops import last_attended_index, split_shared_prompt
-from rlhf_lit.optim import LRSchedule
-from rlhf_lit.stage import StageModule
+from rlhf_lit.hf.models import ModelSpec, enable_checkpointing
+from rlhf_lit.math import losses
+from rlhf_lit.math.ops import last_attended_index, split_shared_prompt
+from rlhf_lit.training.optim import LRSchedule
+from rlhf_lit.training.stage_module import StageModule
 
 LOSSES = ("bradley_terry", "divergent_suffix")
 

@@ -9,11 +9,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text.rouge import ROUGEScore
 
-from rlhf_lit import losses
-from rlhf_lit.generation import GenerationConfig, generate_texts
-from rlhf_lit.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged, next_token_logprobs
-from rlhf_lit.optim import LRSchedule
-from rlhf_lit.stage import StageModule
+from rlhf_lit.hf.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged, next_token_logprobs
+from rlhf_lit.math import losses
+from rlhf_lit.rl.generation import GenerationConfig, generate_texts
+from rlhf_lit.training.optim import LRSchedule
+from rlhf_lit.training.stage_module import StageModule
 
 # Families whose attention honours a 4D block-diagonal mask with restarting position_ids (checked in
 # tests/test_perf_options.py); BLOOM (ALiBi from the 2D mask), GPT-J, GPT-Neo and CodeGen do not.

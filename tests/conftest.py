@@ -45,7 +45,7 @@ FAMILIES = [
     "gemma2",
     "phi3",
 ]
-"""every model family of rlhf_lit.models.TinyModel: the forward/head/export unit tests cover each"""
+"""every model family of rlhf_lit.hf.models.TinyModel: the forward/head/export unit tests cover each"""
 
 CHATML = (
     "{% for message in messages %}"
@@ -64,7 +64,7 @@ def synthetic_texts(n: int = 1500):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
-    from rlhf_lit.tokenizer import TrainedBPE
+    from rlhf_lit.hf.tokenizer import TrainedBPE
 
     path = tmp_path_factory.mktemp("tok") / "bpe"
     TrainedBPE(str(path), vocab_size=400).load(texts=synthetic_texts)
@@ -80,7 +80,7 @@ def tok(tokenizer_dir):
 
 @pytest.fixture()
 def tiny_spec():
-    from rlhf_lit.models import TinyModel
+    from rlhf_lit.hf.models import TinyModel
 
     return TinyModel(family="opt", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=128)
 
@@ -99,7 +99,7 @@ def short_recipe(tmp_path: Path, ppo_steps: int = 6, sft_epochs: int = 1, base: 
     """A shortened copy of a pipeline recipe (default: the quickstart): 600 rows, 1-layer 32-wide models.
     Without a reward stage the recipe's PPO model settings (its reward source) are kept."""
     run_dir = tmp_path / "run"
-    from rlhf_lit.recipes import resolve_pipeline_paths
+    from rlhf_lit.apps.recipes import resolve_pipeline_paths
 
     base = base or REPO / "configs/pipeline/quickstart.yaml"
     cfg = resolve_pipeline_paths(yaml.safe_load(base.read_text()), base.resolve().parent)
@@ -131,7 +131,7 @@ SECRET = "wandb-key-that-must-never-be-written-0123456789"
 def rlhf_lit(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": SECRET}
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", *args],
+        [sys.executable, "-m", "rlhf_lit", *args],
         capture_output=True,
         text=True,
         cwd=kw.pop("cwd", REPO),

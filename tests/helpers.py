@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from datamodules import Blend, SourceSpec
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.tokenizer import HFTokenizer
 
 
 def blend(n=200, **opts):
@@ -52,8 +52,8 @@ def build_ppo(dm, **kw):
     """A PPOModule with the test defaults (AdamW lr 1e-2, 6 new tokens, no EMA) built on ``dm``'s tokenizer;
     keywords override them (actor, critic, reward, algo, ...)."""
     from modules import PPOModule
-    from rlhf_lit.generation import GenerationConfig
-    from rlhf_lit.rollout import PPOConfig
+    from rlhf_lit.rl.config import PPOConfig
+    from rlhf_lit.rl.generation import GenerationConfig
 
     kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=1e-2))
     kw.setdefault("generation", GenerationConfig(max_new_tokens=6))

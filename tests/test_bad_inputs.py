@@ -173,7 +173,10 @@ def write(tmp_path: Path, name: str, content) -> Path:
 
 def inspect(*args):
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "data", "inspect", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rlhf_lit", "data", "inspect", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -210,9 +213,9 @@ def test_reward_export_with_another_tokenizer_retokenizes(tok, tokenizer_dir, tm
     """A reward model trained with a different tokenizer scores the texts, not the actor's ids."""
     import torch
 
-    from rlhf_lit.models import TinyModel
-    from rlhf_lit.rewards import ModelReward
-    from rlhf_lit.tokenizer import train_bpe
+    from rlhf_lit.hf.models import TinyModel
+    from rlhf_lit.hf.tokenizer import train_bpe
+    from rlhf_lit.rl.rewards import ModelReward
 
     other = train_bpe(["completely different words " * 3, "another corpus entirely"], vocab_size=300, min_frequency=1)
     spec = TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64)
@@ -232,7 +235,7 @@ def test_pipeline_config_errors_are_one_line(tmp_path):
         "run_dir: x\nblend: {sources: []}\nstages: [{name: sft, config: a.yaml}, {name: ppo, confg: c.yaml}]\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(bad)],
+        [sys.executable, "-m", "rlhf_lit", "pipeline", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -244,7 +247,7 @@ def test_pipeline_config_errors_are_one_line(tmp_path):
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1,\n")
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", str(bad)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit", "fit", "--config", str(bad)], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
         f"rlhf-lit: error: {bad}:3:1: YAML syntax error: expected the node content, but found '<stream end>'"
@@ -252,16 +255,16 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
 
 
 def test_help_lists_every_command():
-    from rlhf_lit.cli import LIGHTNING, SUBCOMMANDS
+    from rlhf_lit.apps.cli import LIGHTNING, SUBCOMMANDS, registered
 
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit", "--help"], capture_output=True, text=True, timeout=60)
     listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and line.split()}
-    assert out.returncode == 0 and set(SUBCOMMANDS) | set(LIGHTNING) - {"test", "predict"} <= listed, out.stdout
+    assert out.returncode == 0 and {*SUBCOMMANDS, *registered(), *LIGHTNING} - {"test", "predict"} <= listed, out.stdout
     assert "test, predict" in out.stdout and "--overwrite" in out.stdout
 
 
 def test_unknown_command_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "trian"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit", "trian"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
 
 
@@ -344,7 +347,7 @@ def test_fit_config_errors_are_one_line(args, expected):
     command, recipe = args[:2] if args[0] in ("test", "fit") else ("fit", "recipe:sft/tiny")
     args = args[2:] if args[0] in ("test", "fit") else args
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", command, "--config", recipe, "--trainer.logger=false", *args],
+        [sys.executable, "-m", "rlhf_lit", command, "--config", recipe, "--trainer.logger=false", *args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -365,7 +368,7 @@ def test_fit_config_errors_are_one_line(args, expected):
 def test_evaluate_prompt_files_fail_in_one_line_naming_file_and_line(name, content, expected, tmp_path):
     """``evaluate --prompts``: a directory, blank file, bad bytes or JSON name the file and line (#28; a
     directory was a 14-line traceback, a blank file 'mean requires at least one data point')."""
-    from rlhf_lit.evaluate import read_prompts
+    from rlhf_lit.apps.evaluate import read_prompts
 
     path = tmp_path / name
     if content is None:

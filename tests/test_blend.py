@@ -70,7 +70,7 @@ def test_blend_validation():
 def test_named_parts_are_disjoint_read_by_their_datamodule_and_reported(tmp_path, tokenizer_dir):
     from datamodules import PreferenceDataModule, SFTDataModule
     from datamodules.inspect import main
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     split = {"demos": 1, "pairs": 2, "more_pairs": 1}
     blend = Blend([SourceSpec("hh_rlhf", path=hh_file(tmp_path))], seed=7, split=split, eval_fraction=0.1)
@@ -91,7 +91,7 @@ def test_named_parts_are_disjoint_read_by_their_datamodule_and_reported(tmp_path
 
 def test_records_a_kind_cannot_use_are_counted_as_dropped(tmp_path, tokenizer_dir):
     from datamodules import PreferenceDataModule
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)])
     sources = [SourceSpec("hh_rlhf", path=hh_file(tmp_path)), SourceSpec("json", path=str(sft_rows))]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf_lit.cli import lightning_cli
+from rlhf_lit.apps.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = sorted(
@@ -68,7 +68,7 @@ def parse_only(path):
 
 
 def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
-    from rlhf_lit.cli import main
+    from rlhf_lit.apps.cli import main
 
     base = yaml.safe_load((REPO / "configs/sft/tiny.yaml").read_text())
     base["model"]["init_args"]["rouge_sampels"] = 3
@@ -87,7 +87,7 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
 def test_pipeline_configs_parse_and_resolve_stage_configs(path, monkeypatch, tmp_path):
-    from rlhf_lit.pipeline import from_args
+    from rlhf_lit.apps.pipeline import from_args
 
     monkeypatch.chdir(tmp_path)  # another directory: paths in the YAML are looked up beside it
     pipe = from_args(["--config", str(path), f"--run_dir={tmp_path}"])
@@ -109,9 +109,9 @@ def test_recipes_are_addressable_by_name_from_any_directory(tmp_path, monkeypatc
     import subprocess
     import sys
 
+    from rlhf_lit.apps.pipeline import from_args
+    from rlhf_lit.apps.recipes import list_recipes, resolve_recipe
     from rlhf_lit.errors import InputError
-    from rlhf_lit.pipeline import from_args
-    from rlhf_lit.recipes import list_recipes, resolve_recipe
 
     monkeypatch.chdir(tmp_path)
     assert {"pipeline/quickstart", "sft/tiny", "strategy/zero2", "pipeline/smollm2-hh"} <= set(list_recipes())
@@ -121,7 +121,7 @@ def test_recipes_are_addressable_by_name_from_any_directory(tmp_path, monkeypatc
         resolve_recipe("recipe:tiny")
     pipe = from_args(["--config", "recipe:pipeline/quickstart", f"--run_dir={tmp_path}"])
     assert pipe.plans["ppo"].config == str(REPO / "configs/ppo/tiny.yaml")
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "recipes", "list"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit", "recipes", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "recipe:pipeline/quickstart" in out.stdout
     missing = tmp_path / "p.yaml"
     missing.write_text(
@@ -129,7 +129,9 @@ def test_recipes_are_addressable_by_name_from_any_directory(tmp_path, monkeypatc
         "blend: {sources: [{name: synthetic}]}\nrun_dir: run\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(missing)], capture_output=True, text=True
+        [sys.executable, "-m", "rlhf_lit", "pipeline", "--config", str(missing)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert (

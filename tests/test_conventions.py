@@ -16,12 +16,13 @@ from datamodules import collate as C
 from datamodules.readers import DataError
 from datamodules.sources import load_source
 from modules import PPOModule, RewardModule, SFTModule
-from rlhf_lit.chat_format import ChatFormat, to_messages
-from rlhf_lit.generation import GenerationConfig, generate_texts
-from rlhf_lit.models import HFModel, TinyModel
-from rlhf_lit.rewards import CallableReward
-from rlhf_lit.rollout import PPOConfig, ended_with_stop
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.chat_format import ChatFormat, to_messages
+from rlhf_lit.hf.models import HFModel, TinyModel
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.experience import ended_with_stop
+from rlhf_lit.rl.generation import GenerationConfig, generate_texts
+from rlhf_lit.rl.rewards import CallableReward
 
 HH = "\n\nHuman: List 3 fruits.\n\nAssistant:"
 
@@ -247,7 +248,7 @@ def test_ppo_turns_dropout_off_by_default(tokenizer_dir, tok, tmp_path):
     module = PPOModule(actor=HFModel(path), critic=HFModel(path), reward=CallableReward("rule_rewards:word_count"))
     module.tokenizer = tok
     module.configure_model()
-    from rlhf_lit.models import has_dropout
+    from rlhf_lit.hf.models import has_dropout
 
     assert not has_dropout(module.ac) and has_dropout(module.ref)  # the reference is untouched (and in eval)
 
@@ -317,11 +318,12 @@ def test_every_config_key_of_stages_and_datamodules_shows_its_docstring_in_help(
 
     import datamodules
     import modules
-    from rlhf_lit import callbacks, generation, rollout
+    from rlhf_lit.rl import config, generation
+    from rlhf_lit.training import callbacks
 
     classes = [c for m in (modules, datamodules, callbacks) for _, c in inspect.getmembers(m, inspect.isclass)]
     classes = [c for c in classes if issubclass(c, (L.LightningModule, L.LightningDataModule, L.Callback))]
-    classes += [rollout.PPOConfig, generation.GenerationConfig]
+    classes += [config.PPOConfig, generation.GenerationConfig]
     assert len(classes) >= 8
     for cls in classes:
         if cls.__module__.split(".")[0] not in ("modules", "datamodules", "rlhf_lit"):

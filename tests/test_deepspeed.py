@@ -19,7 +19,7 @@ STAGES = ("sft", "reward", "ppo", "dpo")
 def fit(run: Path, stage: str, out: Path, zero: str, steps: int = 2, procs: int = 1, extra=()):
     callbacks = json.dumps(
         [
-            {"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
+            {"class_path": "rlhf_lit.training.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
             {
                 "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                 "init_args": {
@@ -48,7 +48,7 @@ def fit(run: Path, stage: str, out: Path, zero: str, steps: int = 2, procs: int 
         "--trainer.log_every_n_steps=1",
         *extra,
     ]
-    launcher = [sys.executable, "-m", "rlhf_lit.cli"]
+    launcher = [sys.executable, "-m", "rlhf_lit"]
     if procs > 1:
         port = str(29500 + (os.getpid() + hash(str(out))) % 400)
         launcher = [
@@ -58,7 +58,7 @@ def fit(run: Path, stage: str, out: Path, zero: str, steps: int = 2, procs: int 
             f"--nproc_per_node={procs}",
             f"--master_port={port}",
             "-m",
-            "rlhf_lit.cli",
+            "rlhf_lit",
         ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     res = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
@@ -159,7 +159,7 @@ def test_zero2_step_equals_plain_training(run, tmp_path):
         [
             sys.executable,
             "-m",
-            "rlhf_lit.cli",
+            "rlhf_lit",
             "fit",
             "--config",
             str(run / "sft" / "config.yaml"),
@@ -202,7 +202,7 @@ def test_validate_under_zero3_outside_fit(run):
         [
             sys.executable,
             "-m",
-            "rlhf_lit.cli",
+            "rlhf_lit",
             "validate",
             "--config",
             str(run / "sft" / "config.yaml"),
@@ -212,6 +212,9 @@ def test_validate_under_zero3_outside_fit(run):
             "--trainer.logger=false",
             "--trainer.callbacks=[]",
             "--model.init_args.rouge_samples=0",
+            # the stage's export: a TinyModel config without --ckpt_path is refused (random weights, #28)
+            "--model.init_args.model=rlhf_lit.hf.models.HFModel",
+            f"--model.init_args.model.init_args.path={run / 'sft' / 'export'}",
         ],
         capture_output=True,
         text=True,

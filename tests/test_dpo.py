@@ -9,10 +9,10 @@ from helpers import changed, datamodule, snapshot, trainer, unchanged
 
 from datamodules import PreferenceDataModule
 from modules import DPOModule
-from rlhf_lit import losses
-from rlhf_lit.callbacks import HFExport
-from rlhf_lit.dpo import DPOConfig, response_logps
-from rlhf_lit.models import LoRA, TinyModel
+from rlhf_lit.hf.models import LoRA, TinyModel, response_logps
+from rlhf_lit.math import losses
+from rlhf_lit.math.preference import DPOConfig
+from rlhf_lit.training.callbacks import HFExport
 
 
 def spec(seed=0):
@@ -161,8 +161,8 @@ def test_lora_dpo_uses_adapters_off_as_reference_and_simpo_builds_none(tokenizer
 
 
 def test_pipeline_stage_list_errors_name_the_stage(tmp_path):
+    from rlhf_lit.apps.pipeline import Pipeline, StagePlan
     from rlhf_lit.errors import InputError
-    from rlhf_lit.pipeline import Pipeline, StagePlan
 
     sft = StagePlan(name="sft", config="configs/sft/tiny.yaml")
     dpo = StagePlan(name="dpo", config="configs/dpo/tiny.yaml", inputs={"model.init_args.model": "{rm}"})
@@ -179,7 +179,7 @@ def test_pipeline_stage_list_errors_name_the_stage(tmp_path):
 def test_dpo_turns_dropout_off_so_step0_is_log2_on_every_call(tokenizer_dir, lora):
     """With a checkpoint's dropout (OPT: 0.1) the same batch gave a different loss on every call, the
     adapters-off reference too (#27); by default DPO sets dropout to 0 and the reference runs in eval mode."""
-    from rlhf_lit.models import has_dropout
+    from rlhf_lit.hf.models import has_dropout
 
     dm = dpo_dm(tokenizer_dir)
     dm.setup("fit")
@@ -205,8 +205,8 @@ def test_real_smollm2_dpo_step0_loss_is_log2_on_both_machine_kinds(native_bf16, 
     from conftest import REPO, write_jsonl
 
     from datamodules import Blend, SourceSpec
-    from rlhf_lit.models import HFModel
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.models import HFModel
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     model = REPO / "models" / "smollm2-135m-instruct"
     if not (model / "model.safetensors").exists():
@@ -238,9 +238,9 @@ def test_an_explicit_reference_under_lora_is_an_error_not_ignored():
     silently ignored (audit #27), so DPO and PPO refuse the pair, naming the key (as TRL does)."""
     from modules import PPOModule
     from rlhf_lit.errors import InputError
-    from rlhf_lit.estimators import GRPO
-    from rlhf_lit.models import LoRA, TinyModel
-    from rlhf_lit.rewards import CallableReward
+    from rlhf_lit.hf.models import LoRA, TinyModel
+    from rlhf_lit.math.estimators import GRPO
+    from rlhf_lit.rl.rewards import CallableReward
 
     tiny = TinyModel(hidden_size=32, num_layers=1, num_heads=4, ffn_size=64)
     with pytest.raises(InputError, match="model.init_args.reference: with lora the reference is the model"):

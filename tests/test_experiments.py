@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_lit.cli import lightning_cli
-from rlhf_lit.experiments import PIPELINE_KEYS, experiment_files, pipeline_config, question, run_study, with_logger
-from rlhf_lit.pipeline import from_args
-from rlhf_lit.recipes import beside, resolve_pipeline_paths
+from rlhf_lit.apps.cli import lightning_cli
+from rlhf_lit.apps.experiments import PIPELINE_KEYS, experiment_files, pipeline_config, question, run_study, with_logger
+from rlhf_lit.apps.pipeline import from_args
+from rlhf_lit.apps.recipes import beside, resolve_pipeline_paths
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.parent for p in (REPO / "experiments").glob("*/study.yaml"))
@@ -55,7 +55,7 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
     (study / "study.yaml").write_text(yaml.safe_dump({"base": str(base), "seeds": [0], "out": str(tmp_path / "out")}))
     (study / "ppo" / "beta.yaml").write_text(
         "# Q: a stronger KL?\nmodel: {init_args: {kl: {class_path: "
-        "rlhf_lit.kl_control.FixedKL, init_args: {value: 0.3}}}}\n"
+        "rlhf_lit.math.kl_control.FixedKL, init_args: {value: 0.3}}}}\n"
     )
     (study / "reward" / "suffix.yaml").write_text(
         "# Q: the divergent-suffix loss?\nmodel: {init_args: {loss: divergent_suffix}}\n"
@@ -65,7 +65,9 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
         "name": "dpo",
         "config": str(REPO / "configs/dpo/tiny.yaml"),
         "overrides": {"trainer": {"max_steps": 3}},
-        "inputs": {"model.init_args.model": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": "{sft}"}}},
+        "inputs": {
+            "model.init_args.model": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": "{sft}"}}
+        },
         "policies": {"dpo": ""},
     }
     (study / "dpo" / "ipo.yaml").write_text("# Q: IPO instead?\n" + yaml.safe_dump({"stages": ["sft", dpo_stage]}))
@@ -98,9 +100,9 @@ def test_runner_reuses_stages_and_writes_table_and_plot(tmp_path, monkeypatch):
 def test_seed_varies_training_keeps_the_split_and_models_are_evaluated_beside_the_stages(tmp_path, monkeypatch):
     """``seed_varies: [training]`` seeds every stage and keeps the blend (the same held-out problems);
     ``evaluation.models`` adds a policy no stage trains (the starting checkpoint), known by its path."""
-    import rlhf_lit.experiments as experiments
+    import rlhf_lit.apps.experiments as experiments
+    from rlhf_lit.apps.pipeline import EvalPlan, Pipeline
     from rlhf_lit.errors import InputError
-    from rlhf_lit.pipeline import EvalPlan, Pipeline
 
     seen = []
 

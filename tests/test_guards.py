@@ -6,8 +6,8 @@ from helpers import datamodule, snapshot, trainer
 
 from datamodules import SFTDataModule
 from modules import SFTModule
-from rlhf_lit.callbacks import NonFiniteError, NonFiniteGuard
-from rlhf_lit.models import TinyModel
+from rlhf_lit.hf.models import TinyModel
+from rlhf_lit.training.callbacks import NonFiniteError, NonFiniteGuard
 
 
 def poisoned_module(bad_steps):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rlhf_lit import losses
-from rlhf_lit.ops import logprobs_from_logits
+from rlhf_lit.math import losses
+from rlhf_lit.math.ops import logprobs_from_logits
 
 
 def test_sft_loss_reads_mask_on_target_side():

@@ -5,9 +5,9 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_lit.models import HFModel, ScalarModel, TinyModel, lm_inputs, load_scalar_model
-from rlhf_lit.ops import pad_sequences
-from rlhf_lit.tokenizer import HFTokenizer, ensure_pad, tokenizer_fingerprint
+from rlhf_lit.hf.models import HFModel, ScalarModel, TinyModel, lm_inputs, load_scalar_model
+from rlhf_lit.hf.tokenizer import HFTokenizer, ensure_pad, tokenizer_fingerprint
+from rlhf_lit.math.ops import pad_sequences
 
 
 def test_trained_tokenizer_round_trip(tok, tokenizer_dir, tmp_path):
@@ -34,7 +34,7 @@ def test_tokenizer_without_pad_reuses_eos_unless_asked_to_add_one(tok):
 def test_added_pad_row_is_deterministic_and_the_same_in_every_model(tok):
     """An added token's embedding row is the mean row in every model built from the checkpoint (not
     transformers' random mean-resizing draw), so actor and reference agree and KL starts at 0."""
-    from rlhf_lit.models import fit_vocab
+    from rlhf_lit.hf.models import fit_vocab
 
     base = TinyModel(family="llama", hidden_size=32, num_layers=1, num_heads=4, ffn_size=64).build_causal_lm(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<new>"]})
@@ -52,7 +52,7 @@ def test_added_pad_row_is_deterministic_and_the_same_in_every_model(tok):
 
 
 def test_missing_local_model_path_is_one_clear_error():
-    from rlhf_lit.hub import HubUnavailable
+    from rlhf_lit.hf.hub import HubUnavailable
 
     with pytest.raises(HubUnavailable, match="does/not/exist"):
         HFModel("does/not/exist").build_causal_lm(None)

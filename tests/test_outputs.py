@@ -11,10 +11,10 @@ from helpers import datamodule, trainer
 
 from datamodules import SFTDataModule
 from modules import SFTModule
-from rlhf_lit.callbacks import HFExport
 from rlhf_lit.errors import InputError
-from rlhf_lit.models import TinyModel
-from rlhf_lit.outputs import MARKER, check_output, mark, ours
+from rlhf_lit.hf.models import TinyModel
+from rlhf_lit.training.callbacks import HFExport
+from rlhf_lit.training.outputs import MARKER, check_output, mark, ours
 
 
 def user_files(root):
@@ -92,10 +92,10 @@ def test_export_refuses_a_user_directory_before_training_and_replaces_its_own(to
 
 def test_cli_fit_and_model_conversion_refuse_user_paths_in_one_line(tmp_path):
     user = user_files(tmp_path / "user")
-    callbacks = f"[{{class_path: rlhf_lit.callbacks.HFExport, init_args: {{dirpath: {tmp_path / 'user'}}}}}]"
+    callbacks = f"[{{class_path: rlhf_lit.training.callbacks.HFExport, init_args: {{dirpath: {tmp_path / 'user'}}}}}]"
     args = ["fit", "--config", "recipe:sft/tiny", "--trainer.logger=false", f"--trainer.callbacks={callbacks}"]
     args += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=2"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "rlhf_lit.cli", *a], capture_output=True, text=True,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "rlhf_lit", *a], capture_output=True, text=True,
                                     timeout=300, cwd=tmp_path)  # fmt: skip
     out = run(*args)
     errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]
@@ -119,7 +119,7 @@ def test_stage_config_saves_last_and_resumes_with_ckpt_path_last(tmp_path):
     """Every stage config saves last.ckpt every N steps; ``--ckpt_path last`` resumes from it; with nothing
     to resume, or a checkpoint file that does not exist, one line instead of a silent restart (#28)."""
     run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny", "--trainer.logger=false",
+        [sys.executable, "-m", "rlhf_lit", "fit", "--config", "recipe:sft/tiny", "--trainer.logger=false",
          "--trainer.enable_progress_bar=false", *a], capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     for args, expected in [
@@ -141,7 +141,7 @@ def test_stage_config_saves_last_and_resumes_with_ckpt_path_last(tmp_path):
 def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path):
     """A model folder saved without its tokenizer: one line naming it, in fit, evaluate and chat alike (all
     load through HFTokenizer), not a failure deep in the first forward (#28)."""
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     model = tmp_path / "model"
     model.mkdir()
@@ -150,7 +150,7 @@ def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path):
         HFTokenizer(str(model)).load()
     (tmp_path / "p.txt").write_text("hello\n")
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "evaluate", "--policy", str(model), "--prompts", str(tmp_path / "p.txt"),
+        [sys.executable, "-m", "rlhf_lit", "evaluate", "--policy", str(model), "--prompts", str(tmp_path / "p.txt"),
          "--gold", "datamodules.verifiable:exact_match"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -164,8 +164,8 @@ def test_chat_and_evaluate_refuse_a_scalar_model_and_chat_names_bad_stdin(tmp_pa
     on chat's standard input that are not UTF-8 are one line, not a 29-line traceback (#28)."""
     import json
 
-    from rlhf_lit.evaluate import load_policy, not_a_policy
-    from rlhf_lit.models import HFModel
+    from rlhf_lit.apps.evaluate import load_policy, not_a_policy
+    from rlhf_lit.hf.models import HFModel
 
     def folder(name, archs, head):
         d = tmp_path / name
@@ -183,7 +183,7 @@ def test_chat_and_evaluate_refuse_a_scalar_model_and_chat_names_bad_stdin(tmp_pa
     model = REPO / "models/smollm2-135m-instruct"
     if not (model / "model.safetensors").exists():
         pytest.skip("make smollm2 first (the stdin half of this test chats with SmolLM2)")
-    out = subprocess.run([sys.executable, "-m", "rlhf_lit.cli", "chat", "--model", str(model), "--max-new-tokens", "2"],
+    out = subprocess.run([sys.executable, "-m", "rlhf_lit", "chat", "--model", str(model), "--max-new-tokens", "2"],
                          input=b"hello\n\xff\xfe\n", capture_output=True, timeout=300)  # fmt: skip
     err = out.stderr.decode().strip().splitlines()
     assert out.returncode == 1 and err[-1] == "rlhf-lit chat: error: standard input: bytes are not valid UTF-8"
@@ -193,8 +193,8 @@ def test_chat_and_evaluate_refuse_a_scalar_model_and_chat_names_bad_stdin(tmp_pa
 def test_a_tokenizer_far_larger_than_the_model_vocabulary_is_refused(tokenizer_dir, tmp_path):
     """Another model's tokenizer would silently grow a pretrained model's embeddings (511 -> 49,152 rows,
     #28); adding a pad or template tokens (a few rows) still works."""
-    from rlhf_lit.models import HFModel
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.models import HFModel
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     small = HFTokenizer(tokenizer_dir).load()
     path = tmp_path / "tiny"
@@ -234,7 +234,7 @@ def test_the_vllm_engine_model_copy_is_removed_with_the_engine(tmp_path):
     away (chat/evaluate keep one with the model): 23 copies of 517 MiB had piled up in /tmp."""
     import gc
 
-    from rlhf_lit.vllm_engine import VLLMEngine, VLLMOptions
+    from rlhf_lit.rl.vllm_engine import VLLMEngine, VLLMOptions
 
     closed, dropped = tmp_path / "closed", tmp_path / "dropped"
     for d in (closed, dropped):
@@ -253,7 +253,7 @@ def test_the_vllm_engine_model_copy_is_removed_with_the_engine(tmp_path):
 def test_default_root_dir_moves_every_output_the_stage_config_places_under_its_own(tmp_path):
     """One key for the output directory (#28): logs, checkpoints and the export follow
     ``--trainer.default_root_dir``; a path outside the config's own root (the shared tokenizer) stays."""
-    from rlhf_lit.cli import lightning_cli
+    from rlhf_lit.apps.cli import lightning_cli
 
     def outputs(*args):
         cli = lightning_cli(["--config", "configs/sft/tiny.yaml", *args], run=False)
@@ -276,7 +276,7 @@ def test_default_root_dir_moves_every_output_the_stage_config_places_under_its_o
 def test_validate_a_randomly_initialised_config_without_a_checkpoint_is_refused(tmp_path):
     """#28: ``validate`` of a TinyModel config without --ckpt_path would report a random model's figures."""
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "validate", "--config", "recipe:sft/tiny", "--trainer.logger=false"],
+        [sys.executable, "-m", "rlhf_lit", "validate", "--config", "recipe:sft/tiny", "--trainer.logger=false"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lit")]

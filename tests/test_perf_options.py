@@ -18,12 +18,13 @@ from datamodules import PromptDataModule, SFTDataModule
 from datamodules import collate as C
 from datamodules.sampler import ResumableSampler
 from modules import PPOModule, SFTModule
-from rlhf_lit import losses
-from rlhf_lit.generation import GenerationConfig, generate, pick_tokens
-from rlhf_lit.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half
-from rlhf_lit.ops import chunked_logprobs, logprobs_from_logits
-from rlhf_lit.rewards import CallableReward
-from rlhf_lit.rollout import PPOConfig, response_hidden
+from rlhf_lit.hf.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half
+from rlhf_lit.math import losses
+from rlhf_lit.math.ops import chunked_logprobs, logprobs_from_logits
+from rlhf_lit.rl.actor_critic import response_hidden
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.generation import GenerationConfig, generate, pick_tokens
+from rlhf_lit.rl.rewards import CallableReward
 
 
 def model(family, tok, seed=0):
@@ -285,7 +286,7 @@ def test_benchmark_suite_runs_and_reports_ratios(tmp_path):
 
 
 def test_adam_without_a_kernel_choice_becomes_fused_and_steps_the_same():
-    from rlhf_lit.optim import param_groups, with_fused_kernel
+    from rlhf_lit.training.optim import param_groups, with_fused_kernel
 
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)) for _ in range(2)]
@@ -357,7 +358,7 @@ def test_freed_tensors_return_their_memory_to_the_system():
     they lived in the heap, behind the small ones, and stay in the process; with the threshold fixed they go."""
     code = (
         "import sys, psutil, torch\n"
-        "from rlhf_lit.memory import release_freed_memory\n"
+        "from rlhf_lit.training.memory import release_freed_memory\n"
         "applied = release_freed_memory()\n"
         "x = torch.ones(4_000_000)\n"
         "del x\n"  # a first large free: glibc's threshold rises to 16 MB here
@@ -384,7 +385,7 @@ def test_malloc_mode_auto_releases_under_gradient_checkpointing_only():
     ValueError."""
     code = (
         "import sys\n"
-        "from rlhf_lit import memory\n"
+        "from rlhf_lit.training import memory\n"
         "try:\n"
         "    plain = memory.release_freed_memory(checkpointing=False)\n"
         "    ckpt = memory.release_freed_memory(checkpointing=True)\n"
@@ -445,7 +446,7 @@ def test_a_head_multiplier_nobody_listed_is_found_by_the_build_probe(tok):
     from the full logits (before #27: 0.3 nats off in SFT, DPO and PPO). A plain family keeps the chunked head."""
     from transformers import FalconH1Config, FalconH1ForCausalLM
 
-    from rlhf_lit.models import lm_hidden, next_token_logprobs
+    from rlhf_lit.hf.models import lm_hidden, next_token_logprobs
 
     cfg = FalconH1Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

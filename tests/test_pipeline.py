@@ -110,7 +110,7 @@ def test_kill_during_a_stage_then_rerun_completes(tmp_path, stage):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_lit.cli", "pipeline", "--config", str(cfg)],
+        [sys.executable, "-m", "rlhf_lit", "pipeline", "--config", str(cfg)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

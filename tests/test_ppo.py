@@ -6,13 +6,13 @@ from helpers import changed, datamodule, snapshot, trainer, unchanged
 
 from datamodules import PromptDataModule
 from modules import PPOModule
-from rlhf_lit.callbacks import HFExport
-from rlhf_lit.estimators import GRPO, REINFORCEPP, RLOO, DrGRPO
-from rlhf_lit.generation import GenerationConfig
-from rlhf_lit.kl_control import AdaptiveKL
-from rlhf_lit.models import TinyModel
-from rlhf_lit.rewards import CallableReward, ModelReward, SumReward
-from rlhf_lit.rollout import PPOConfig
+from rlhf_lit.hf.models import TinyModel
+from rlhf_lit.math.estimators import GRPO, REINFORCEPP, RLOO, DrGRPO
+from rlhf_lit.math.kl_control import AdaptiveKL
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.generation import GenerationConfig
+from rlhf_lit.rl.rewards import CallableReward, ModelReward, SumReward
+from rlhf_lit.training.callbacks import HFExport
 
 LOGGED = [
     "objective/scores",
@@ -157,7 +157,7 @@ def test_sum_reward_and_ptx_mix(tokenizer_dir, reward_export, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_lora_actor_uses_adapters_off_as_reference(family, tokenizer_dir, tmp_path):
-    from rlhf_lit.models import LoRA
+    from rlhf_lit.hf.models import LoRA
 
     dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=2, max_prompt_len=32)
     actor = TinyModel(family=family, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64, max_positions=128)
@@ -183,7 +183,7 @@ def test_lora_actor_uses_adapters_off_as_reference(family, tokenizer_dir, tmp_pa
     assert "objective/kl" in t.callback_metrics
     from transformers import AutoModelForCausalLM
 
-    from rlhf_lit.models import load_scalar_model
+    from rlhf_lit.hf.models import load_scalar_model
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "actor")  # merged export loads as a plain model
     critic = load_scalar_model(str(tmp_path / "out" / "critic"))  # so does the critic, adapters merged
@@ -239,7 +239,7 @@ def test_group_advantages_are_not_whitened_again_over_tokens(estimator):
     seq = torch.tensor([1.276, 0.061, -0.182, -1.155])
     rewards = torch.zeros(4, 30)
     rewards[torch.arange(4), mask.sum(-1).long() - 1] = seq  # the score on each response's last token
-    adv, _ = module.advantages(rewards, None, mask)
+    adv, _ = module.updater.advantages(rewards, None, mask)
     expected, _ = estimator(rewards, None, mask)
     torch.testing.assert_close(adv, expected)
     first = adv[:, 0]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rlhf_lit import ppo
-from rlhf_lit.estimators import GAE, GRPO, RLOO
-from rlhf_lit.kl_control import AdaptiveKL, FixedKL
-from rlhf_lit.ops import last_attended_index, logprobs_from_logits, masked_mean, masked_var, masked_whiten
+from rlhf_lit.math import rl as ppo
+from rlhf_lit.math.estimators import GAE, GRPO, RLOO
+from rlhf_lit.math.kl_control import AdaptiveKL, FixedKL
+from rlhf_lit.math.ops import last_attended_index, logprobs_from_logits, masked_mean, masked_var, masked_whiten
 
 
 def naive_gae(rewards, values, mask, gamma, lam):
@@ -176,7 +176,7 @@ def test_estimators_interface():
 
 
 def test_clip_grad_norms_clips_each_group_to_its_own_norm():
-    from rlhf_lit.optim import clip_grad_norms
+    from rlhf_lit.training.optim import clip_grad_norms
 
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([100.0])  # norms 5 and 100
@@ -262,7 +262,7 @@ def test_kl_loss_is_k3_on_the_current_logprobs_with_gradient():
 def test_dr_grpo_baseline_is_the_group_mean_without_the_std():
     scores = torch.tensor([1.0, 0.0, 1.0, 1.0, 3.0, 0.0])
     torch.testing.assert_close(ppo.group_advantages(scores, 2, "mean"), torch.tensor([0.5, -0.5, 0, 0, 1.5, -1.5]))
-    from rlhf_lit.estimators import DrGRPO
+    from rlhf_lit.math.estimators import DrGRPO
 
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     adv, ret = DrGRPO(samples_per_prompt=2)(torch.tensor([[0.0, 2.0], [1.0, 0.0]]), None, mask)
@@ -289,7 +289,7 @@ def test_discounted_returns_hand_computed_and_against_a_loop():
 
 
 def test_reinforce_pp_returns_and_group_baseline():
-    from rlhf_lit.estimators import REINFORCEPP
+    from rlhf_lit.math.estimators import REINFORCEPP
 
     # per-token KL penalty -0.1 on every token, the score 1 on the last: returns count what follows
     rewards, mask = torch.tensor([[-0.1, -0.1, 0.9], [-0.1, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
@@ -376,7 +376,7 @@ def test_kl_in_loss_gradients_by_exact_expectation_over_a_categorical():
     torch.testing.assert_close(expected_grad("k1"), torch.zeros(6), atol=1e-6, rtol=0)
     torch.testing.assert_close(expected_grad("k2"), kl_grad(forward=True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(expected_grad("k3"), kl_grad(forward=False), atol=1e-5, rtol=1e-5)
-    from rlhf_lit.rollout import PPOConfig
+    from rlhf_lit.rl.config import PPOConfig
 
     assert PPOConfig(kl_in_loss=True).kl_estimator == "k3" and PPOConfig().kl_estimator == "k1"
     with pytest.raises(ValueError, match="kl_in_loss with kl_estimator k1 regularises nothing"):

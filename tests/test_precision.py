@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from modules import DPOModule, RewardModule, SFTModule
-from rlhf_lit.callbacks import HFExport
-from rlhf_lit.models import TinyModel
-from rlhf_lit.rewards import CallableReward
-from rlhf_lit.rollout import PPOConfig
+from rlhf_lit.hf.models import TinyModel
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.rewards import CallableReward
+from rlhf_lit.training.callbacks import HFExport
 
 # bf16 keeps 8 bits of mantissa: activations and logits round at ~0.4%. Measured relative deltas of the first
 # three losses against fp32 (tiny llama, the same batches): SFT <= 2e-5, reward <= 9e-4, DPO <= 1.3e-4.

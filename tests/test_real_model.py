@@ -58,7 +58,10 @@ def fit(stage: str, tmp: Path, data: Path, model: dict, extra_data: dict | None 
                 "init_args": {"save_dir": str(tmp / stage), "name": "logs"},
             },
             "callbacks": [
-                {"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(tmp / stage / "export")}}
+                {
+                    "class_path": "rlhf_lit.training.callbacks.HFExport",
+                    "init_args": {"dirpath": str(tmp / stage / "export")},
+                }
             ],
             "enable_progress_bar": False,
         },
@@ -87,7 +90,7 @@ def fit(stage: str, tmp: Path, data: Path, model: dict, extra_data: dict | None 
         [
             sys.executable,
             "-m",
-            "rlhf_lit.cli",
+            "rlhf_lit",
             "fit",
             "--config",
             str(REPO / f"configs/{stage}/smollm2.yaml"),
@@ -115,7 +118,7 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
         data,
         {
             "model": {
-                "class_path": "rlhf_lit.models.HFModel",
+                "class_path": "rlhf_lit.hf.models.HFModel",
                 "init_args": {"path": str(MODEL), "gradient_checkpointing": True},
             }
         },
@@ -130,8 +133,8 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
         "reward",
         tmp_path,
         data,
-        {"model": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": str(sft_dir)}}},
-        {"tokenizer": {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": str(sft_dir)}}},
+        {"model": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": str(sft_dir)}}},
+        {"tokenizer": {"class_path": "rlhf_lit.hf.tokenizer.HFTokenizer", "init_args": {"path": str(sft_dir)}}},
     )
     rm_dir = tmp_path / "reward" / "export"
     assert json.loads((rm_dir / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
@@ -139,10 +142,10 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
     assert AutoTokenizer.from_pretrained(rm_dir).pad_token == "<|endoftext|>"
 
     model = {
-        "actor": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": str(sft_dir)}},
-        "critic": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": str(rm_dir)}},
+        "actor": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": str(sft_dir)}},
+        "critic": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": str(rm_dir)}},
         "reward": {
-            "class_path": "rlhf_lit.rewards.ModelReward",
+            "class_path": "rlhf_lit.rl.rewards.ModelReward",
             "init_args": {"path": str(rm_dir), "normalize": False},
         },
         "generation": {"max_new_tokens": 8, "temperature": 0.8},
@@ -154,7 +157,7 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
         data,
         model,
         {
-            "tokenizer": {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": str(sft_dir)}},
+            "tokenizer": {"class_path": "rlhf_lit.hf.tokenizer.HFTokenizer", "init_args": {"path": str(sft_dir)}},
             "max_prompt_len": 96,
         },
     )
@@ -164,7 +167,17 @@ def test_smollm2_through_sft_reward_ppo_and_chat(tmp_path):
     assert actor.config.vocab_size == 49152
 
     res = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "chat", "--model", str(sft_dir), "--greedy", "--max-new-tokens", "24"],
+        [
+            sys.executable,
+            "-m",
+            "rlhf_lit",
+            "chat",
+            "--model",
+            str(sft_dir),
+            "--greedy",
+            "--max-new-tokens",
+            "24",
+        ],
         input="What is the capital of France?\n",
         capture_output=True,
         text=True,
@@ -183,11 +196,11 @@ def test_raw_smollm2_as_actor_critic_and_reward(tmp_path):
     """Issue #17's crash: a raw checkpoint whose tokenizer pads with eos as actor, critic and reward model.
     Nothing is resized any more; the reward model's head is new, so its statistics come from rollouts."""
     data = rows(tmp_path / "qa.jsonl")
-    raw = {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": str(MODEL)}}
-    reward = {"class_path": "rlhf_lit.rewards.ModelReward", "init_args": {"path": str(MODEL), "stats_rollouts": 1}}
+    raw = {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": str(MODEL)}}
+    reward = {"class_path": "rlhf_lit.rl.rewards.ModelReward", "init_args": {"path": str(MODEL), "stats_rollouts": 1}}
     model = {"actor": raw, "critic": raw, "reward": reward}
     model.update(generation={"max_new_tokens": 4}, algo={"ema_beta": None})
-    tokenizer = {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": str(MODEL)}}
+    tokenizer = {"class_path": "rlhf_lit.hf.tokenizer.HFTokenizer", "init_args": {"path": str(MODEL)}}
     res = fit("ppo", tmp_path, data, model, {"tokenizer": tokenizer, "max_prompt_len": 64})
     assert "IndexError" not in res.stderr
     assert "objective/scores" in next((tmp_path / "ppo").rglob("metrics.csv")).read_text()

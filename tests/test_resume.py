@@ -22,7 +22,7 @@ STEPS = 12
 def command(run_dir: Path, stage: str, out: Path, extra=()):
     callbacks = json.dumps(
         [
-            {"class_path": "rlhf_lit.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
+            {"class_path": "rlhf_lit.training.callbacks.HFExport", "init_args": {"dirpath": str(out / "export")}},
             {
                 "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                 "init_args": {
@@ -37,7 +37,7 @@ def command(run_dir: Path, stage: str, out: Path, extra=()):
     return [
         sys.executable,
         "-m",
-        "rlhf_lit.cli",
+        "rlhf_lit",
         "fit",
         "--config",
         str(run_dir / stage / "config.yaml"),
@@ -108,7 +108,7 @@ def test_sigkill_then_resume_equals_uninterrupted(run, stage, tmp_path):
 
 
 def test_atomic_checkpoint_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    from rlhf_lit.checkpoint import AtomicCheckpointIO
+    from rlhf_lit.training.checkpoint import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -129,7 +129,7 @@ def test_plain_fit_killed_mid_epoch_resumes_with_its_own_config(tmp_path):
     an uninterrupted run's."""
     steps = 60  # 50 steps an epoch: the kill lands in the first epoch, after step 20's checkpoint
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    fit = lambda root, *a: [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny",
+    fit = lambda root, *a: [sys.executable, "-m", "rlhf_lit", "fit", "--config", "recipe:sft/tiny",
                             f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
                             "--trainer.enable_progress_bar=false", *a]  # fmt: skip
     whole = subprocess.run(fit("whole"), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)

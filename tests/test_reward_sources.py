@@ -13,12 +13,12 @@ from helpers import build_ppo, changed, datamodule, snapshot, trainer
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from datamodules import PromptDataModule
-from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.errors import InputError
-from rlhf_lit.models import HFModel, TinyModel
-from rlhf_lit.ops import pad_sequences
-from rlhf_lit.rewards import ModelReward
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.chat_format import ChatFormat
+from rlhf_lit.hf.models import HFModel, TinyModel
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.math.ops import pad_sequences
+from rlhf_lit.rl.rewards import ModelReward
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +194,14 @@ def test_missing_statistics_is_one_line_from_the_cli(raw_dir, tmp_path):
         },
         "model": {
             "init_args": {
-                "actor": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
-                "critic": {"class_path": "rlhf_lit.models.HFModel", "init_args": {"path": raw_dir}},
-                "reward": {"class_path": "rlhf_lit.rewards.ModelReward", "init_args": {"path": raw_dir}},
+                "actor": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": raw_dir}},
+                "critic": {"class_path": "rlhf_lit.hf.models.HFModel", "init_args": {"path": raw_dir}},
+                "reward": {"class_path": "rlhf_lit.rl.rewards.ModelReward", "init_args": {"path": raw_dir}},
             }
         },
         "data": {
             "init_args": {
-                "tokenizer": {"class_path": "rlhf_lit.tokenizer.HFTokenizer", "init_args": {"path": raw_dir}},
+                "tokenizer": {"class_path": "rlhf_lit.hf.tokenizer.HFTokenizer", "init_args": {"path": raw_dir}},
                 "blend": {"sources": [{"name": "synthetic", "options": {"n": 40, "seed": 0}}]},
             }
         },
@@ -211,7 +211,7 @@ def test_missing_statistics_is_one_line_from_the_cli(raw_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "rlhf_lit.cli",
+            "rlhf_lit",
             "fit",
             "--config",
             str(REPO / "configs/ppo/tiny.yaml"),

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from datamodules import Blend, PreferenceDataModule, SFTDataModule, SourceSpec
 from modules import RewardModule, SFTModule
-from rlhf_lit.callbacks import HFExport
-from rlhf_lit.models import TinyModel, lm_inputs, load_scalar_model
-from rlhf_lit.optim import LRSchedule
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.models import TinyModel, lm_inputs, load_scalar_model
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.training.callbacks import HFExport
+from rlhf_lit.training.optim import LRSchedule
 
 
 def spec(family="opt"):
@@ -129,7 +129,7 @@ def test_reward_export_loads_in_plain_transformers_and_the_text_classification_p
     its text-classification pipeline and rlhf-lit give the same scores."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from rlhf_lit.rewards import ModelReward
+    from rlhf_lit.rl.rewards import ModelReward
 
     dm = datamodule(PreferenceDataModule, tokenizer_dir)
     module = RewardModule(spec(), optimizer=adamw(1e-3))
@@ -183,7 +183,7 @@ def test_both_stages_run_for_every_family(family, tokenizer_dir, tmp_path):
 
 
 def test_sft_lora_with_gradient_checkpointing_merges_on_export(tokenizer_dir, tmp_path):
-    from rlhf_lit.models import LoRA
+    from rlhf_lit.hf.models import LoRA
 
     dm = datamodule(SFTDataModule, tokenizer_dir, n=40)
     s = TinyModel(

@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 from datamodules.readers import DataError
 from datamodules.sources import load_source
-from rlhf_lit.chat_format import hh_turns
+from rlhf_lit.hf.chat_format import hh_turns
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -188,7 +188,7 @@ def test_hub_name_fails_fast_offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    from rlhf_lit.hub import HubUnavailable
+    from rlhf_lit.hf.hub import HubUnavailable
 
     with pytest.raises(HubUnavailable, match="pass a local directory or file"):
         load_source("hh_rlhf", hub="Anthropic/hh-rlhf")
@@ -196,7 +196,7 @@ def test_hub_name_fails_fast_offline(monkeypatch):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlhf_lit.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "rlhf_lit", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_data_inspect_cli_json_and_errors(tmp_path):

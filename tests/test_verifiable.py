@@ -18,12 +18,14 @@ from datamodules.readers import DataError
 from datamodules.sources import load_source
 from datamodules.verifiable import arithmetic, exact_match, parsed_answer
 from rlhf_lit.errors import InputError
-from rlhf_lit.estimators import GRPO, REINFORCEPP
-from rlhf_lit.kl_control import FixedKL
-from rlhf_lit.models import TinyModel
-from rlhf_lit.rewards import CallableReward, HTTPReward
-from rlhf_lit.rollout import PPOConfig, concat_rollouts, select_rows, sequence_logprobs
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.models import TinyModel
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.math.estimators import GRPO, REINFORCEPP
+from rlhf_lit.math.kl_control import FixedKL
+from rlhf_lit.rl.actor_critic import sequence_logprobs
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.experience import concat_rollouts, select_rows
+from rlhf_lit.rl.rewards import CallableReward, HTTPReward
 
 
 def spec(seed=0):
@@ -158,7 +160,7 @@ def test_without_kl_no_reference_is_built(dm, tmp_path):
         advantage=GRPO(2),
         kl=FixedKL(0),
     )
-    assert module.ref is None and not module.uses_reference
+    assert module.ref is None and module.kl.off
     actor0 = snapshot(module.ac.policy)
     t = trainer(tmp_path, max_steps=2)
     t.fit(module, datamodule=dm)
@@ -222,15 +224,15 @@ def test_overlong_filter_and_soft_penalty(dm):
     ro.mask[0, :6], ro.mask[1, :2] = 1, 1  # 6 tokens: at max_new_tokens, 2 tokens: before the buffer
     ro.mask[2:, :4] = 1  # 4 tokens: 2 into the 4-token buffer, penalty -0.5
     ro.ended[:] = torch.tensor([False, True, True, True])
-    rewards, _, _ = module.rewards(ro)
+    rewards, _, _ = module.updater.rewards(ro)
     module.algo.overlong_buffer = None
-    plain, _, _ = module.rewards(ro)
+    plain, _, _ = module.updater.rewards(ro)
     last = ro.mask.sum(-1).long() - 1  # the score sits on each response's last token
     torch.testing.assert_close((rewards - plain)[torch.arange(4), last], torch.tensor([-1.0, 0.0, -0.5, -0.5]))
-    adv, ret = module.advantages(rewards, None, ro.mask)
-    loss, _ = module.minibatch_loss(ro, torch.arange(4), adv, ret, None)
+    adv, ret = module.updater.advantages(rewards, None, ro.mask)
+    loss, _ = module.updater.minibatch_loss(module.ac, ro, torch.arange(4), adv, ret, None)
     ro.ended[:] = False  # every response cut off: the filter leaves nothing to learn from
-    loss_none, _ = module.minibatch_loss(ro, torch.arange(4), adv, ret, None)
+    loss_none, _ = module.updater.minibatch_loss(module.ac, ro, torch.arange(4), adv, ret, None)
     assert loss_none.item() == 0 and loss.item() != 0
 
 
@@ -250,7 +252,7 @@ def test_arithmetic_task_and_checkers():
 def test_evaluate_cli_passes_jsonl_fields_to_the_checker(tokenizer_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from rlhf_lit.evaluate import main
+    from rlhf_lit.apps.evaluate import main
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     policy = tmp_path / "policy"
@@ -269,7 +271,7 @@ def test_evaluate_cli_passes_jsonl_fields_to_the_checker(tokenizer_dir, tmp_path
 
 
 def test_a_reward_source_without_columns_still_works():
-    from rlhf_lit.rewards import score
+    from rlhf_lit.rl.rewards import score
 
     legacy = lambda prompts, responses, ids, mask: torch.ones(len(prompts))  # forward before columns existed
     assert score(legacy, ["p"], ["r"], torch.zeros(1, 2), torch.ones(1, 2)).tolist() == [1.0]

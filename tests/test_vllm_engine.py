@@ -21,7 +21,7 @@ needs_vllm = [
 def test_engine_vllm_without_vllm_is_one_line_error_naming_the_install(tmp_path, monkeypatch, capsys):
     import sys
 
-    from rlhf_lit.cli import main
+    from rlhf_lit.apps.cli import main
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
     cfg = tmp_path / "gen.yaml"
@@ -30,8 +30,8 @@ def test_engine_vllm_without_vllm_is_one_line_error_naming_the_install(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert "make vllm" in err[0] and "Traceback" not in err[0]
-    from rlhf_lit.generation import GenerationConfig
-    from rlhf_lit.vllm_engine import VLLMOptions
+    from rlhf_lit.rl.generation import GenerationConfig
+    from rlhf_lit.rl.vllm_engine import VLLMOptions
 
     with pytest.raises(ValueError, match="generation.vllm.dtype must be one of"):
         GenerationConfig(engine="vllm", vllm=VLLMOptions(dtype="int8"))
@@ -46,7 +46,7 @@ QUESTIONS = [
 
 
 def smollm2():
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     tok = HFTokenizer(str(MODEL), chat_template="auto").load()
     model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(MODEL)).eval()
@@ -54,8 +54,8 @@ def smollm2():
 
 
 def prompts(tok):
-    from rlhf_lit.chat_format import ChatFormat
-    from rlhf_lit.ops import pad_sequences
+    from rlhf_lit.hf.chat_format import ChatFormat
+    from rlhf_lit.math.ops import pad_sequences
 
     ids = ChatFormat(tok).prompt_ids([[{"role": "user", "content": q}] for q in QUESTIONS])
     return pad_sequences(ids, tok.pad_token_id, side="left")
@@ -66,7 +66,7 @@ def engine_and_model():
     for mark in needs_vllm:
         if mark.args[0]:
             pytest.skip(mark.kwargs["reason"])
-    from rlhf_lit.vllm_engine import VLLMEngine, VLLMOptions
+    from rlhf_lit.rl.vllm_engine import VLLMEngine, VLLMOptions
 
     model, tok = smollm2()
     engine = VLLMEngine.from_model(model, tok, VLLMOptions(dtype="float32"), seed=0)
@@ -75,7 +75,7 @@ def engine_and_model():
 
 
 def greedy(model, tok, engine=None, n=16):
-    from rlhf_lit.generation import GenerationConfig, sample
+    from rlhf_lit.rl.generation import GenerationConfig, sample
 
     ids, mask = prompts(tok)
     cfg = GenerationConfig(max_new_tokens=n, do_sample=False, engine="vllm" if engine else "kv_loop")
@@ -97,7 +97,7 @@ def test_greedy_engine_tokens_equal_kv_loop_and_its_logprobs_the_trainers(engine
 
 def mismatch(model, tok, responses, mask, engine_lp) -> float:
     """max |trainer log-prob - engine log-prob| over the response tokens"""
-    from rlhf_lit.models import next_token_logprobs
+    from rlhf_lit.hf.models import next_token_logprobs
 
     ids, prompt_mask = prompts(tok)
     full, full_mask = torch.cat([ids, responses], 1), torch.cat([prompt_mask, mask], 1)
@@ -127,13 +127,13 @@ def test_sync_pushes_new_weights_into_the_engine(engine_and_model):
 
 def ppo_module(estimator: str, dtype: str, tis_cap=None):
     from modules import PPOModule
-    from rlhf_lit.estimators import GRPO
-    from rlhf_lit.generation import GenerationConfig
-    from rlhf_lit.kl_control import FixedKL
-    from rlhf_lit.models import HFModel
-    from rlhf_lit.rewards import CallableReward
-    from rlhf_lit.rollout import PPOConfig
-    from rlhf_lit.vllm_engine import VLLMOptions
+    from rlhf_lit.hf.models import HFModel
+    from rlhf_lit.math.estimators import GRPO
+    from rlhf_lit.math.kl_control import FixedKL
+    from rlhf_lit.rl.config import PPOConfig
+    from rlhf_lit.rl.generation import GenerationConfig
+    from rlhf_lit.rl.rewards import CallableReward
+    from rlhf_lit.rl.vllm_engine import VLLMOptions
 
     grpo = estimator == "grpo"
     return PPOModule(
@@ -175,7 +175,7 @@ class EngineFollowsActor(__import__("lightning").Callback):
 @pytest.mark.parametrize("estimator,dtype", [("ppo", "float32"), ("grpo", "bfloat16")])
 def test_three_engine_sampled_steps_train_the_actor_and_log_the_mismatch(estimator, dtype, tmp_path):
     from datamodules import Blend, PromptDataModule, SourceSpec
-    from rlhf_lit.tokenizer import HFTokenizer
+    from rlhf_lit.hf.tokenizer import HFTokenizer
 
     dm = PromptDataModule(
         Blend(
@@ -216,7 +216,7 @@ def test_three_engine_sampled_steps_train_the_actor_and_log_the_mismatch(estimat
 def test_chat_answers_through_the_engine(monkeypatch, capsys):
     import io
 
-    from rlhf_lit.chat import main
+    from rlhf_lit.apps.chat import main
 
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nquit\n"))
     code = main(["--model", str(MODEL), "--engine", "vllm", "--greedy", "--max-new-tokens", "12"])
@@ -228,8 +228,8 @@ def test_chat_answers_through_the_engine(monkeypatch, capsys):
 def test_engine_weights_of_a_lora_actor_are_the_merged_plain_checkpoint(tok):
     """What the engine loads (at build and every sync): the plain model's names and the merged weights, no
     adapter tensors; the tied LM head left out."""
-    from rlhf_lit.models import LoRA, TinyModel, apply_lora
-    from rlhf_lit.vllm_engine import engine_weights, merged_adapters
+    from rlhf_lit.hf.models import LoRA, TinyModel, apply_lora
+    from rlhf_lit.rl.vllm_engine import engine_weights, merged_adapters
 
     spec = TinyModel(family="llama", hidden_size=32, num_layers=2, num_heads=4, ffn_size=64)
     plain = spec.build_causal_lm(tok)
@@ -255,8 +255,8 @@ def test_engine_weights_of_a_lora_actor_are_the_merged_plain_checkpoint(tok):
 def test_engine_built_from_a_lora_actor_computes_the_merged_model():
     """The engine's first copy is written from the merged weights under their plain names (a LoRA model's own
     save would carry base_layer/lora tensors the engine cannot load)."""
-    from rlhf_lit.models import LoRA, apply_lora
-    from rlhf_lit.vllm_engine import VLLMEngine, VLLMOptions
+    from rlhf_lit.hf.models import LoRA, apply_lora
+    from rlhf_lit.rl.vllm_engine import VLLMEngine, VLLMOptions
 
     model, tok = smollm2()
     lora = apply_lora(model, LoRA(r=4, alpha=8))

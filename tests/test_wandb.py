@@ -47,7 +47,7 @@ def test_offline_run_holds_metrics_config_and_the_samples_table(tmp_path):
                 "class_path": "lightning.pytorch.loggers.WandbLogger",
                 "init_args": {"project": "rlhf-lit-test", "save_dir": str(tmp_path), "name": "tiny-sft"},
             },
-            "callbacks": [{"class_path": "rlhf_lit.callbacks.SampleTable"}],
+            "callbacks": [{"class_path": "rlhf_lit.training.callbacks.SampleTable"}],
         },
         "model": {"init_args": {"rouge_samples": 3}},
         "data": {"init_args": {"tokenizer": {"init_args": {"save_dir": str(tmp_path / "tok")}}}},
@@ -55,7 +55,7 @@ def test_offline_run_holds_metrics_config_and_the_samples_table(tmp_path):
     (tmp_path / "o.yaml").write_text(yaml.safe_dump(over))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     res = subprocess.run(
-        [sys.executable, "-m", "rlhf_lit.cli", "fit", "--config", "recipe:sft/tiny", "--config", "o.yaml"],
+        [sys.executable, "-m", "rlhf_lit", "fit", "--config", "recipe:sft/tiny", "--config", "o.yaml"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_offline_run_holds_metrics_config_and_the_samples_table(tmp_path):
 
     config = {i.key: json.loads(i.value_json) for r in records if r.config.update for i in r.config.update}
     model = config["model"]  # the resolved config of the stage, as the CLI composed it
-    assert model["class_path"] == "rlhf_lit.models.TinyModel" and model["init_args"]["family"] == "opt"
+    assert model["class_path"] == "rlhf_lit.hf.models.TinyModel" and model["init_args"]["family"] == "opt"
     assert config["rouge_samples"] == 3
 
     # The table arrives as nested keys (val/samples/_type, .../nrows, ...) pointing at its media file.

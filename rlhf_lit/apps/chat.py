@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts
-from rlhf_lit.hub import HubUnavailable
-from rlhf_lit.vllm_engine import require_vllm
+from rlhf_lit.hf.hub import HubUnavailable
+from rlhf_lit.rl.generation import ENGINES, GenerationConfig, generate_texts
+from rlhf_lit.rl.vllm_engine import require_vllm
 
 
 def reply(model, tok, history: list[dict], gen: GenerationConfig, max_context: int) -> str:
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--system", help="a system message opening the conversation")
     a = p.parse_args(argv)
     try:
-        from rlhf_lit.evaluate import load_policy
+        from rlhf_lit.apps.evaluate import load_policy
 
         model, tok = load_policy(a.model, a.chat_template)
         gen = GenerationConfig(

@@ -12,16 +12,17 @@ from typing import Optional
 
 import torch
 
-from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.errors import InputError
-from rlhf_lit.generation import ENGINES, GenerationConfig, generate_texts, stop_ids
-from rlhf_lit.hub import HubUnavailable
-from rlhf_lit.models import HFModel, load_scalar_model
-from rlhf_lit.ops import pad_sequences
-from rlhf_lit.rewards import CallableReward, ModelReward, RewardSource, score
-from rlhf_lit.rollout import ended_with_stop, sequence_logprobs
-from rlhf_lit.tokenizer import HFTokenizer
-from rlhf_lit.vllm_engine import require_vllm
+from rlhf_lit.hf.chat_format import ChatFormat
+from rlhf_lit.hf.hub import HubUnavailable
+from rlhf_lit.hf.models import HFModel, load_scalar_model
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.math.ops import pad_sequences
+from rlhf_lit.rl.actor_critic import sequence_logprobs
+from rlhf_lit.rl.experience import ended_with_stop
+from rlhf_lit.rl.generation import ENGINES, GenerationConfig, generate_texts, stop_ids
+from rlhf_lit.rl.rewards import CallableReward, ModelReward, RewardSource, score
+from rlhf_lit.rl.vllm_engine import require_vllm
 
 
 def load_policy(path: str, chat_template: str = "auto", dtype: str = "float32"):
@@ -52,7 +53,7 @@ def sample(
     seed: int = 0,
     max_prompt_len: int = 256,
 ):
-    """Seeded responses to ``prompts``; see :func:`rlhf_lit.generation.generate_texts`."""
+    """Seeded responses to ``prompts``; see :func:`rlhf_lit.rl.generation.generate_texts`."""
     torch.manual_seed(seed)
     return generate_texts(model, tok, prompts, gen, batch_size, max_prompt_len)
 

@@ -19,13 +19,12 @@ from typing import Optional
 os.environ.setdefault("WANDB_SILENT", "true")
 
 SUBCOMMANDS = {
-    "data": "datamodules.inspect:main",
-    "pipeline": "rlhf_lit.pipeline:main",
-    "evaluate": "rlhf_lit.evaluate:main",
-    "chat": "rlhf_lit.chat:main",
-    "models": "rlhf_lit.convert:main",
-    "recipes": "rlhf_lit.recipes:main",
-    "experiments": "rlhf_lit.experiments:main",
+    "pipeline": "rlhf_lit.apps.pipeline:main",
+    "evaluate": "rlhf_lit.apps.evaluate:main",
+    "chat": "rlhf_lit.apps.chat:main",
+    "models": "rlhf_lit.apps.convert:main",
+    "recipes": "rlhf_lit.apps.recipes:main",
+    "experiments": "rlhf_lit.apps.experiments:main",
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
 HELP = """usage: rlhf-lit [--verbose] [--overwrite] COMMAND ...
@@ -131,7 +130,7 @@ def refuse_random_weights(module, ckpt_path: Optional[str], command: str) -> Non
     """``validate``/``test``/``predict`` of a module whose models are built from scratch (TinyModel) and no
     ``--ckpt_path``: the figures would be a random model's, reported as if they meant something (#28)."""
     from rlhf_lit.errors import InputError
-    from rlhf_lit.models import ModelSpec
+    from rlhf_lit.hf.models import ModelSpec
 
     random = sorted({type(v).__name__ for v in vars(module).values() if isinstance(v, ModelSpec) and not v.pretrained})
     if random and not ckpt_path:
@@ -144,6 +143,14 @@ def refuse_random_weights(module, ckpt_path: Optional[str], command: str) -> Non
 def resolve(target: str):
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def registered() -> dict:
+    """Commands the packages above the core library register (entry point group ``rlhf_lit.commands``;
+    ``data`` from datamodules): name -> entry point. The core imports none of them by name (#29)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="rlhf_lit.commands")}
 
 
 def quiet() -> None:
@@ -166,6 +173,7 @@ def quiet() -> None:
         r".*you need to define a `flops_per_batch`.*",  # ThroughputMonitor without FLOP counts: by design
         r".*Using ModelCheckpoint with manual optimization.*",  # PPO saves after its updates: intended
         r".*You passed in a `val_dataloader` but have no `validation_step`.*",  # PPO validates nothing
+        r".*Found \d+ module\(s\) in eval mode.*",  # the frozen reference/reward models: eval on purpose (#13)
     ):
         warnings.filterwarnings("ignore", message=harmless)
     # Lightning's per-stage tips and accelerator lines (3 of every stage's first 5); rlhf-lit's own
@@ -192,9 +200,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return 0 if argv else 2
-    if argv and argv[0] in SUBCOMMANDS:
+    plugins = registered()
+    if argv and (argv[0] in SUBCOMMANDS or argv[0] in plugins):
         try:
-            return resolve(SUBCOMMANDS[argv[0]])(argv[1:]) or 0
+            command = resolve(SUBCOMMANDS[argv[0]]) if argv[0] in SUBCOMMANDS else plugins[argv[0]].load()
+            return command(argv[1:]) or 0
         except InputError as e:  # e.g. a pipeline's stage config or data file that does not exist
             print(f"rlhf-lit {argv[0]}: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 1
@@ -205,14 +215,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
     if argv and argv[0] not in LIGHTNING and not argv[0].startswith("-"):
         print(
-            f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS])}",
+            f"rlhf-lit: unknown command {argv[0]!r}; use one of {', '.join([*LIGHTNING, *SUBCOMMANDS, *plugins])}",
             file=sys.stderr,
         )
         return 2
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from rlhf_lit.callbacks import NonFiniteError
-    from rlhf_lit.recipes import expand_config_args
+    from rlhf_lit.apps.recipes import expand_config_args
+    from rlhf_lit.training.callbacks import NonFiniteError
 
     try:
         expanded = expand_config_args(argv)  # --config recipe:NAME

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_lit import ppo
+from rlhf_lit.math import rl as ppo
 
 
 class AdvantageEstimator:

@@ -3,7 +3,7 @@
 A spec is what a config names; ``load()`` returns a ``transformers`` fast tokenizer with a pad token.
 Padding is masked by the attention mask everywhere (never found by id), so pad may equal eos: a
 pretrained tokenizer without pad reuses an existing token and the model's vocabulary is left alone.
-Its ``chat_template`` option decides how conversations are rendered (see rlhf_lit.chat_format).
+Its ``chat_template`` option decides how conversations are rendered (see rlhf_lit.hf.chat_format).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Optional
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from rlhf_lit.chat_format import apply_chat_template_option
 from rlhf_lit.errors import InputError
-from rlhf_lit.hub import hub_errors
+from rlhf_lit.hf.chat_format import apply_chat_template_option
+from rlhf_lit.hf.hub import hub_errors
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 

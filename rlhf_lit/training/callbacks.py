@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from rlhf_lit.errors import InputError
-from rlhf_lit.models import DTYPES, gathered
-from rlhf_lit.outputs import check_output, mark
+from rlhf_lit.hf.models import DTYPES, gathered
+from rlhf_lit.training.outputs import check_output, mark
 
 
 class HFExport(L.Callback):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_lit.pipeline import deep_merge, from_args
-from rlhf_lit.recipes import beside, resolve_pipeline_paths
+from rlhf_lit.apps.pipeline import deep_merge, from_args
+from rlhf_lit.apps.recipes import beside, resolve_pipeline_paths
 
 COLUMNS = [  # (header, summary section, key); "final" is each run's last policy (PPO's actor, DPO's policy...)
     ("gold (final policy)", "final", "gold_reward_mean"),
@@ -227,7 +227,7 @@ def run_study(
     )
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     plot(out, list(rows), seeds[0])
-    from rlhf_lit.plots import final_vs_kl
+    from rlhf_lit.apps.plots import final_vs_kl
 
     final_vs_kl(rows, out / "final_vs_kl.png", spec.get("score_label", "gold reward (held-out mean)"), study.name)
     if publish is not None:  # the small artefacts that are committed beside the study
@@ -239,7 +239,7 @@ def run_study(
 
 
 def plot(out: Path, names: list[str], seed: int) -> Path:
-    from rlhf_lit.plots import reward_vs_kl
+    from rlhf_lit.apps.plots import reward_vs_kl
 
     runs = {}
     for name in names:  # every run's RL stage: the one whose log has a KL column

@@ -23,7 +23,7 @@ PREFIX = "recipe:"
 
 def recipe_dirs() -> list[Path]:
     """Folders that may hold the recipes, the checkout's first."""
-    dirs = [Path(__file__).resolve().parents[1] / "configs"]
+    dirs = [Path(__file__).resolve().parents[2] / "configs"]  # a checkout: rlhf_lit/apps/ -> configs/
     for prefix in dict.fromkeys([sys.prefix, sysconfig.get_path("data")]):
         dirs.append(Path(prefix) / "share" / "rlhf-lit" / "configs")
     return [d for d in dirs if d.is_dir()]

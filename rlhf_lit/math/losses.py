@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_lit.ops import masked_mean
+from rlhf_lit.math.ops import masked_mean
 
 
 def sft_loss(next_logprobs: Tensor, loss_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy averaged over the tokens where ``loss_mask`` is 1.
 
     next_logprobs: (B, T - 1), entry t the log-prob of token t+1 at position t (from
-    :func:`rlhf_lit.models.next_token_logprobs`, which never makes the (B, T, V) logits); loss_mask: (B, T),
+    :func:`rlhf_lit.hf.models.next_token_logprobs`, which never makes the (B, T, V) logits); loss_mask: (B, T),
     read on the target side: prompt tokens masked out (InstructGPT SFT) or all tokens in.
     """
     mask = loss_mask[:, 1:].float()

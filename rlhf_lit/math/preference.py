@@ -1,16 +1,10 @@
-"""The DPO stage's knobs and the sequence log-probs its losses compare. Torch only (no lightning).
-
-Shapes: ``B`` pairs; batches hold the B chosen rows, then the B rejected ones, right-padded to ``T``.
-"""
+"""The DPO stage's knobs: which preference loss (DPO, IPO, SimPO, ORPO) and its constants."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from rlhf_lit import losses
-from rlhf_lit.models import lm_inputs, next_token_logprobs
+from rlhf_lit.math import losses
 
 
 @dataclass
@@ -44,12 +38,3 @@ class DPOConfig:
     @property
     def needs_reference(self) -> bool:
         return self.loss_type in ("sigmoid", "ipo")
-
-
-def response_logps(model, input_ids, attention_mask, prompt_len):
-    """Summed log-probs of the response tokens and their count. input_ids, attention_mask: (2B, T), the B
-    chosen rows then the B rejected ones; prompt_len: (B,). Returns two (2B,) tensors."""
-    lp = next_token_logprobs(model, **lm_inputs(model, input_ids, attention_mask))
-    pos = torch.arange(1, input_ids.size(1), device=input_ids.device)
-    response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask[:, 1:].bool()
-    return (lp * response).sum(-1), response.sum(-1)

@@ -16,9 +16,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit.errors import InputError
-from rlhf_lit.memory import release_freed_memory
-from rlhf_lit.models import check_frozen_dtype, hold_frozen
-from rlhf_lit.optim import LRSchedule, param_groups, with_fused_kernel
+from rlhf_lit.hf.models import check_frozen_dtype, hold_frozen
+from rlhf_lit.rl.update import Ranks
+from rlhf_lit.training.memory import release_freed_memory
+from rlhf_lit.training.optim import LRSchedule, clip_grad_norms, param_groups, with_fused_kernel
 
 
 @runtime_checkable
@@ -66,7 +67,8 @@ class StageModule(L.LightningModule):
                 k for k in ("tokenizer", "eval_records", "eval_batch_size", "packed", "report") if not hasattr(dm, k)
             ]
             raise ValueError(
-                f"{type(self).__name__} needs a datamodule with {', '.join(missing)} (rlhf_lit.stage.StageData)"
+                f"{type(self).__name__} needs a datamodule with {', '.join(missing)} "
+                "(rlhf_lit.training.stage_module.StageData)"
             )
         return dm
 
@@ -87,10 +89,39 @@ class StageModule(L.LightningModule):
             return x
         return self.trainer.strategy.reduce(x, reduce_op="mean")
 
+    # -- the Lightning internals a stage needs, in one place: neither fact has a public accessor -----------
+    @property
+    def uses_deepspeed(self) -> bool:
+        """Whether a DeepSpeed engine holds the model: it then owns the gradients (clipping them by its
+        ``gradient_clipping``) and casts every module it holds to its precision."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def gradient_scale(self) -> float:
+        """fp16 mixed precision: the loss scale still on the gradients after ``manual_backward`` (else 1)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def manual_step(self, loss: torch.Tensor, clip: dict) -> dict:
+        """One step under manual optimization: backward, each named group ``{name: (params, max_norm)}``
+        clipped to its own norm (:func:`clip_grad_norms`; under DeepSpeed the engine clips), the optimizer
+        and the schedule. Returns the groups' norms before clipping."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        stats = {} if self.uses_deepspeed else clip_grad_norms(clip, self.gradient_scale())
+        opt.step()
+        sched.step()
+        return stats
+
+    def ranks(self) -> Ranks:
+        """This run's collectives over data-parallel ranks, for the torch-only update rooms."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return Ranks(self.sum_over_ranks, self.any_rank, self.mean_over_ranks, world)
+
     def hold_frozen(self, *modules: Optional[torch.nn.Module], dtype: str) -> None:
-        """Frozen models (reference, reward, monitor) stored in ``dtype`` (:func:`rlhf_lit.models.hold_frozen`).
+        """Frozen models (reference, reward, monitor) stored in ``dtype`` (:func:`rlhf_lit.hf.models.hold_frozen`).
         Under DeepSpeed its own precision decides: bf16 there casts every module it holds, frozen ones too."""
-        if self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        if self.uses_deepspeed:
             return
         # A half-true trainer computes the policy in half: the frozen models then compute in their
         # storage dtype too; fp32 and mixed trainers upcast them layer by layer (#27).
@@ -117,7 +148,7 @@ class StageModule(L.LightningModule):
         meter, one thread. A trainer-level callback of either kind wins."""
         from lightning.pytorch.callbacks import ThroughputMonitor
 
-        from rlhf_lit.callbacks import NonFiniteGuard
+        from rlhf_lit.training.callbacks import NonFiniteGuard
 
         out = []
         if not any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks):
@@ -126,13 +157,37 @@ class StageModule(L.LightningModule):
             out.append(ThroughputMonitor(batch_size_fn=self.batch_size, length_fn=self.batch_tokens, window_size=5))
         return out
 
+    frozen: tuple[str, ...] = ()
+    """attributes holding frozen models (reference, reward model ...): they stay in eval mode (no dropout)
+    whatever mode the module is put in"""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:
+            if getattr(self, name, None) is not None:
+                getattr(self, name).eval()
+        return self
+
+    def checkpointed_parts(self) -> dict:
+        """Objects with ``state_dict``/``load_state_dict`` saved into checkpoints and restored on resume, by
+        checkpoint key (PPO: its KL controller)."""
+        return {}
+
     def trainable_groups(self) -> list[dict]:
         """Parameter groups for the optimizer (PPO overrides this for actor + critic)."""
         return param_groups(self, self.weight_decay)
 
+    steps_per_batch: int = 1
+    """optimizer steps each training batch makes (PPO: its epochs times its minibatches)"""
+
     def optimizer_steps(self) -> int:
-        """How many optimizer steps the schedule spans (PPO takes several per batch)."""
-        return int(self.trainer.estimated_stepping_batches)
+        """How many optimizer steps the schedule spans. Under manual optimization Lightning counts each
+        ``opt.step()`` as a global step (so max_steps counts them) but estimates the total from batches."""
+        if self.automatic_optimization:
+            return int(self.trainer.estimated_stepping_batches)
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches) * self.steps_per_batch
 
     @staticmethod
     def refuse_reference_with_lora(lora, reference, model: str) -> None:
@@ -189,11 +244,15 @@ class StageModule(L.LightningModule):
         }
         if torch.cuda.is_available():  # GPU sampling and dropout draw from the CUDA generators
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint.update({key: part.state_dict() for key, part in self.checkpointed_parts().items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Applied in on_train_start: building models after the restore (configure_model) draws random
         # numbers, which would otherwise shift the stream the resumed run continues with.
         self._rng_to_restore = checkpoint.get("rng_states")
+        for key, part in self.checkpointed_parts().items():
+            if key in checkpoint:
+                part.load_state_dict(checkpoint[key])
 
     def on_train_start(self) -> None:
         # freed tensors go back to the system, for runs that trade speed for memory (gradient checkpointing):

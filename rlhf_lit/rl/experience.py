@@ -1,4 +1,5 @@
-"""PPO's experience: the actor-critic wrapper, the algorithm's knobs, and rollout generation + scoring.
+"""PPO's experience room: sample responses, score them (reward source, reference, old log-probs and values),
+and the rollout batch's bookkeeping (DAPO's dynamic-sampling buffer, the step's metrics).
 
 Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded).
 """
@@ -13,170 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_lit.generation import GenerationConfig, decode, sample, stop_ids
-from rlhf_lit.models import ScalarModel, gathered, lm_hidden, lm_inputs
-from rlhf_lit.ops import chunked_logprobs, masked_mean
-from rlhf_lit.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, overlong_penalty, varied_groups
-from rlhf_lit.rewards import score
-
-
-@dataclass
-class PPOConfig:
-    """The knobs of the PPO update (defaults: DeepSpeed-Chat's / InstructGPT's published settings)."""
-
-    ppo_epochs: int = 1
-    """passes over each rollout batch"""
-    num_minibatches: int = 1
-    """shuffled minibatches per pass (one optimizer step each)"""
-    clip_eps: float = 0.2
-    """policy ratio clip (the lower side, and the upper one unless clip_eps_high is set)"""
-    clip_eps_high: Optional[float] = None
-    """upper ratio clip, 1 + clip_eps_high (DAPO's clip-higher: 0.28 with clip_eps 0.2); None: clip_eps"""
-    loss_agg: str = "token_mean"
-    """how per-token policy (and KL) losses become one number: token_mean, seq_mean_token_mean (GRPO's
-    paper) or seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / max_new_tokens)"""
-    kl_in_loss: bool = False
-    """put the KL to the reference in the loss (kl coefficient x kl_estimator on the current log-probs;
-    the estimator then defaults to GRPO's k3) instead of in the reward; the rollout's KL is still measured
-    and logged"""
-    dynamic_sampling: bool = False
-    """group estimators: drop groups whose scores are all equal (no signal from the scores; a KL penalty in
-    the reward would still differ between their rows, as in DAPO, which filters on accuracy) and keep
-    sampling batches until one full batch of informative groups is ready (DAPO); the excess is dropped"""
-    overlong_filter: bool = False
-    """leave responses cut at max_new_tokens without a stop token out of the loss (DAPO)"""
-    overlong_buffer: Optional[int] = None
-    """DAPO's soft overlong punishment: the score falls linearly by up to overlong_penalty over the last
-    overlong_buffer tokens before max_new_tokens (None: off)"""
-    overlong_penalty: float = 1.0
-    """the score lost at max_new_tokens (with overlong_buffer)"""
-
-    def fused(self, dropout_active: bool) -> bool:
-        """Whether the first training forward can stand in for the scoring pass (see fuse_first_forward)."""
-        return self.fuse_first_forward and self.ppo_epochs == 1 and self.num_minibatches == 1 and not dropout_active
-
-    value_clip: Optional[float] = 0.2
-    """value clip around the rollout's values (None: plain squared error)"""
-    vf_coef: float = 1.0
-    """weight of the value loss in the combined loss"""
-    entropy_coef: float = 0.0
-    """entropy bonus weight"""
-    kl_estimator: Optional[str] = None
-    """per-token KL estimator: k1, k2 or k3 (default: k1 as a reward penalty, k3 with kl_in_loss). In the
-    loss, k1's expected gradient on-policy is exactly 0 (it regularises nothing: refused); k2's is the
-    gradient of KL(actor||ref), k3's that of KL(ref||actor) (#27)"""
-    score_clip: Optional[float] = 5.0
-    """clip rewards to ±score_clip (None: no clipping)"""
-    whiten_advantages: bool = True
-    """whiten GAE advantages over the batch's tokens (group estimators' advantages never are)"""
-    whiten_rewards: bool = False
-    missing_eos_penalty: Optional[float] = None
-    """subtracted from the score of responses that hit max_new_tokens without eos"""
-    ptx_coef: float = 0.0
-    """weight of the pretraining/SFT loss mixed into the actor's (InstructGPT's gamma); needs ptx data"""
-    ema_beta: Optional[float] = 0.992
-    """EMA of the actor's weights after every step (None: no EMA)"""
-    critic_lr: float = 5e-6
-    """learning rate of the critic's parameter group"""
-    max_ratio: Optional[float] = 20.0
-    """skip a minibatch whose max policy ratio exceeds this (a diverged update; logged)"""
-    fuse_first_forward: bool = True
-    """with ppo_epochs 1 and one minibatch, take the old log-probs and values from the training forward
-    (detached) instead of a separate scoring pass: same update, one actor+critic forward fewer. Only
-    when no dropout is active (a train-mode forward with dropout is not the eval-mode scoring pass)"""
-    actor_max_grad_norm: Optional[float] = 1.0
-    """clip the actor's gradient to this norm (None: no clipping); actor and critic are clipped
-    separately, as DeepSpeed-Chat's two engines do, so a large critic gradient never shrinks the actor's
-    step. Under DeepSpeed the engine's ``gradient_clipping`` (one joint norm) applies instead"""
-    critic_max_grad_norm: Optional[float] = 1.0
-    """clip the critic's (or value head's) gradient to this norm (None: no clipping)"""
-    tis_cap: Optional[float] = None
-    """truncated importance sampling (Yao et al. 2025) when a separate engine samples (generation.engine:
-    vllm): each token's policy loss is weighted by min(pi_trainer / pi_engine, tis_cap), correcting for
-    the engine's numerics differing from the trainer's (e.g. 2.0; None: off)"""
-
-    def __post_init__(self):
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("ppo_epochs and num_minibatches must be >= 1")
-        if self.kl_estimator is None:
-            self.kl_estimator = "k3" if self.kl_in_loss else "k1"
-        if self.kl_in_loss and self.kl_estimator == "k1":
-            raise ValueError(
-                "algo.kl_in_loss with kl_estimator k1 regularises nothing (its expected gradient is 0): "
-                "use k3 (GRPO's, the default with kl_in_loss) or k2"
-            )
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0 or null, got {self.tis_cap}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
-            raise ValueError(f"clip_eps_high must be > 0 or null, got {self.clip_eps_high}")
-        if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
-        if self.overlong_buffer is not None and self.overlong_buffer < 1:
-            raise ValueError(f"overlong_buffer must be >= 1 or null, got {self.overlong_buffer}")
-        if self.ema_beta is not None and not 0 < self.ema_beta < 1:
-            raise ValueError(f"ema_beta must be in (0, 1) or null, got {self.ema_beta}")
-        if min(self.vf_coef, self.entropy_coef, self.ptx_coef, self.critic_lr) < 0:
-            raise ValueError("vf_coef, entropy_coef, ptx_coef and critic_lr must be >= 0")
-        for name in ("actor_max_grad_norm", "critic_max_grad_norm"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
-
-
-class ActorCritic(nn.Module):
-    """Policy and value model in one module, so one optimizer and one DeepSpeed engine hold both
-    (Lightning's DeepSpeedStrategy takes a single optimizer; TRL's PolicyAndValueWrapper).
-
-    The value comes from a separate ``critic`` network (DeepSpeed-Chat, OpenRLHF), or from a linear
-    ``value_head`` on the policy's last hidden state (one network, cheaper, values and policy interfere).
-    """
-
-    def __init__(
-        self, policy: nn.Module, critic: Optional[ScalarModel] = None, value_head: Optional[nn.Linear] = None
-    ) -> None:
-        super().__init__()
-        if critic is not None and value_head is not None:
-            raise ValueError("give a separate critic or a value head on the actor, not both")
-        self.policy, self.critic, self.value_head = policy, critic, value_head
-
-    @property
-    def has_values(self) -> bool:
-        return self.critic is not None or self.value_head is not None
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float = 1.0):
-        """Log-probs and entropy of the response tokens and the values before each of them.
-
-        input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
-        without a critic). Position P-1 predicts the first response token, hence the shift.
-        """
-        hidden, head = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
-        logprobs, entropy = chunked_logprobs(hidden, head, input_ids[:, prompt_len:], temperature, entropy=True)
-        values = None
-        if self.critic is not None:
-            values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]
-        elif self.value_head is not None:
-            if isinstance(head, nn.Identity):  # a family that gives logits whole: ask for its hidden states
-                out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True)
-                hidden = out.hidden_states[-1][:, prompt_len - 1 : -1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return logprobs, entropy, values
-
-
-def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int):
-    """The hidden states that predict the R response tokens, (B, R, H) (positions P-1 .. P+R-2), and the
-    LM head: the head then runs on response positions only, in chunks, never on the prompt and never on
-    the whole (B, R, V) at once (issue #18)."""
-    hidden, head = lm_hidden(model, **lm_inputs(model, input_ids, attention_mask))
-    return hidden[:, prompt_len - 1 : -1], head
-
-
-def sequence_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0) -> Tensor:
-    """(B, P + R) -> log-probs of the R response tokens (B, R) (no entropy: the reference needs none)."""
-    hidden, head = response_hidden(model, input_ids, attention_mask, prompt_len)
-    return chunked_logprobs(hidden, head, input_ids[:, prompt_len:], temperature)[0]
+from rlhf_lit.hf.models import gathered
+from rlhf_lit.math.ops import masked_mean
+from rlhf_lit.math.rl import overlong_penalty, varied_groups
+from rlhf_lit.rl.actor_critic import ActorCritic, sequence_logprobs
+from rlhf_lit.rl.config import PPOConfig
+from rlhf_lit.rl.generation import GenerationConfig, decode, sample, stop_ids
+from rlhf_lit.rl.rewards import score
 
 
 @dataclass
@@ -207,6 +51,32 @@ class Rollout:
     @property
     def eos_fraction(self) -> Tensor:
         return self.ended.float().mean()
+
+
+def repeat_groups(batch: dict, k: int) -> tuple[Tensor, Tensor, list[str], dict]:
+    """A prompt batch's ids and mask (B, P), texts and extra columns, each row repeated ``k`` times in
+    adjacent rows (group estimators sample k responses per prompt): (B * k, P) and lists of B * k."""
+    ids, mask, prompts, columns = batch["prompt_ids"], batch["prompt_mask"], batch["prompt"], batch.get("columns") or {}
+    if k > 1:
+        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        prompts = [p for p in prompts for _ in range(k)]
+        columns = {name: [v for v in col for _ in range(k)] for name, col in columns.items()}
+    return ids, mask, prompts, columns
+
+
+def fill_from_forward(ac: ActorCritic, ro: Rollout, temperature: float) -> tuple:
+    """The fused first forward (PPOConfig.fuse_first_forward): the training forward of the whole batch, whose
+    detached log-probs, entropy and values become the rollout's old ones (one pass instead of two).
+    Returns the forward's (logprobs, entropy, values), with gradients, for the update."""
+    out = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, temperature)
+    ro.logprobs, ro.entropy = out[0].detach(), out[1].detach()
+    ro.values = out[2].detach() if out[2] is not None else None
+    return out
+
+
+def sample_rows(ro: Rollout) -> list[dict]:
+    """The rollout's prompt, response and score per row (the sample table's rows)."""
+    return [{"prompt": p, "response": r, "score": float(s)} for p, r, s in zip(ro.prompts, ro.responses, ro.scores)]
 
 
 @torch.no_grad()
@@ -394,6 +264,7 @@ class InformativeBuffer:
 
     def add(self, ro: Rollout) -> float:
         """Keep ``ro``'s informative groups; returns the share of rows kept."""
+        self.device = ro.mask.device  # the collective runs on the rollouts' device (NCCL needs CUDA tensors)
         keep = varied_groups(ro.scores, self.group_size)
         kept = select_rows(ro, keep)
         self.pending = kept if self.pending is None else concat_rollouts([self.pending, kept], self.pad_id)
@@ -401,6 +272,12 @@ class InformativeBuffer:
 
     def size(self) -> int:
         return 0 if self.pending is None else self.pending.mask.size(0)
+
+    def ready(self, n: int, any_rank=bool) -> Optional[Rollout]:
+        """The first ``n`` pending rows once at least ``n`` are pending on every rank (``any_rank``: whether a
+        flag holds on any rank, so all ranks decide together), else None."""
+        short = torch.tensor(self.size() < n, device=self.device)
+        return None if any_rank(short) else self.take(n)
 
     def take(self, n: int) -> Rollout:
         """The first ``n`` pending rows (whole groups when n is a multiple of the group size); the rest is

@@ -9,99 +9,19 @@ last checkpoint. ``summary.json`` collects the evaluation after every stage.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from rlhf_lit.cli import lightning_cli
+from rlhf_lit.apps.cli import lightning_cli
+from rlhf_lit.apps.pipeline_plan import PLACEHOLDER, EvalPlan, StagePlan, configs_resolved, deep_merge, set_key, spec
 from rlhf_lit.errors import InputError
-
-PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)((?:/[A-Za-z0-9_.-]+)*)\}")
-
-
-@dataclass
-class StagePlan:
-    """One stage of a pipeline: a stage config, overrides merged into it, and what earlier stages feed it."""
-
-    name: str
-    """the stage's name: its folder in run_dir, its summary section, what later stages refer to"""
-    config: str
-    """path of the stage's base YAML (e.g. configs/sft/tiny.yaml)"""
-    overrides: dict = field(default_factory=dict)
-    """nested keys merged over the base (e.g. {trainer: {max_epochs: 3}})"""
-    inputs: dict = field(default_factory=dict)
-    """dotted config keys set from earlier stages' exports: "{sft}" in a value is the sft stage's export
-    folder, "{ppo/actor}" a sub-folder (e.g. model.init_args.actor.init_args.path: "{sft}")"""
-    policies: dict = field(default_factory=dict)
-    """summary section -> export sub-folder ("" the export itself) evaluated as a policy on held-out prompts"""
-    reward_model: bool = False
-    """its export is a reward model: accuracy on its held-out pairs, and the proxy judge of the policies"""
-
-
-@dataclass
-class EvalPlan:
-    """What the pipeline measures on held-out data after the stages."""
-
-    prompts: int = 200
-    """held-out prompts used to evaluate the policies"""
-    gold: Optional[str] = None
-    """import path of a gold reward function (prompt, response, **columns) -> float, when the task has one"""
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    seed: int = 0
-    reward_pairs: Optional[int] = None
-    """held-out pairs scored for the reward model's accuracy (None: all of them)"""
-    examples: int = 3
-    """held-out prompts whose responses each policy's summary keeps (before/after answers)"""
-    baseline: Optional[str] = None
-    """the policy the others are compared with (KL reference, win rate); default: the first policy"""
-    prompts_from: Optional[str] = None
-    """the stage whose held-out records give the prompts (default: the last stage)"""
-    models: dict = field(default_factory=dict)
-    """policies no stage trains, evaluated beside the stages' exports: name -> model folder or hub name
-    (e.g. {start: models/smollm2-135m-instruct}, the checkpoint an RL stage starts from without SFT)"""
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` merged into ``base`` key by key; a ``class_path`` that changes brings its own init_args
-    (the old class's arguments may not fit the new class)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        old = out.get(k)
-        switch = (
-            isinstance(v, dict)
-            and isinstance(old, dict)
-            and v.get("class_path", old.get("class_path")) != old.get("class_path")
-        )
-        out[k] = (
-            deep_merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not switch else copy.deepcopy(v)
-        )
-    return out
-
-
-def spec(class_path: str, **init_args) -> dict:
-    return {"class_path": class_path, "init_args": init_args}
-
-
-def set_key(cfg: dict, dotted: str, value) -> None:
-    """Merge ``value`` at a dotted key of a nested config (as an override of that key would be)."""
-    *parents, last = dotted.split(".")
-    node = cfg
-    for k in parents:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise InputError(f"inputs: {dotted}: {k} is not a mapping in the stage config")
-    old = node.get(last)
-    node[last] = deep_merge({"x": old}, {"x": value})["x"] if isinstance(old, dict) else value  # class switch rule
 
 
 class Pipeline:
@@ -146,7 +66,7 @@ class Pipeline:
                         f"(earlier: {', '.join(earlier) or 'none'})"
                     )
         self.tokenizer = tokenizer or spec(
-            "rlhf_lit.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"), vocab_size=1000
+            "rlhf_lit.hf.tokenizer.TrainedBPE", save_dir=str(self.run_dir / "tokenizer"), vocab_size=1000
         )
         self.checkpoint_every = checkpoint_every_n_steps
         self.evaluation = evaluation or EvalPlan()
@@ -190,7 +110,7 @@ class Pipeline:
             c for c in trainer.get("callbacks") or [] if not c["class_path"].endswith(("HFExport", "ModelCheckpoint"))
         ]
         callbacks += [
-            spec("rlhf_lit.callbacks.HFExport", dirpath=str(d / "export")),
+            spec("rlhf_lit.training.callbacks.HFExport", dirpath=str(d / "export")),
             spec(
                 "lightning.pytorch.callbacks.ModelCheckpoint",
                 dirpath=str(d / "checkpoints"),
@@ -204,14 +124,14 @@ class Pipeline:
         data["blend"] = self.blend
         first = self.stages[0].name
         data["tokenizer"] = (
-            self.tokenizer if stage == first else spec("rlhf_lit.tokenizer.HFTokenizer", path=self.export(first))
+            self.tokenizer if stage == first else spec("rlhf_lit.hf.tokenizer.HFTokenizer", path=self.export(first))
         )
         for key, value in plan.inputs.items():
             set_key(cfg, key, self.fill(value))
         if self.evaluation.gold and "reward" in (cfg.get("model") or {}).get("init_args", {}):
             # an RL stage: watch the gold reward on every rollout (never trained on)
             cfg["model"]["init_args"].setdefault(
-                "monitor", spec("rlhf_lit.rewards.CallableReward", function=self.evaluation.gold)
+                "monitor", spec("rlhf_lit.rl.rewards.CallableReward", function=self.evaluation.gold)
             )
         return cfg
 
@@ -273,9 +193,9 @@ class Pipeline:
         return {**self.evaluation.models, **staged}
 
     def evaluate(self) -> None:
-        from rlhf_lit.evaluate import evaluate_policy, reward_accuracy, win_rate
-        from rlhf_lit.generation import GenerationConfig
-        from rlhf_lit.rewards import CallableReward, ModelReward
+        from rlhf_lit.apps.evaluate import evaluate_policy, reward_accuracy, win_rate
+        from rlhf_lit.rl.generation import GenerationConfig
+        from rlhf_lit.rl.rewards import CallableReward, ModelReward
 
         ev, rewards = self.evaluation, {}
         for plan in (p for p in self.stages if p.reward_model):
@@ -325,7 +245,7 @@ class Pipeline:
 
     def plot(self) -> Optional[Path]:
         """Gold and proxy reward against KL over every RL stage's training (the over-optimisation picture)."""
-        from rlhf_lit.plots import reward_vs_kl
+        from rlhf_lit.apps.plots import reward_vs_kl
 
         runs = {}
         for plan in self.stages:
@@ -375,28 +295,6 @@ class Pipeline:
             if cells:
                 lines.append(f"[pipeline] {section:<8} " + "  ".join(cells))
         return "\n".join(lines)
-
-
-def configs_resolved(argv: list[str]) -> list[str]:
-    """``--config`` files with ``recipe:`` names expanded and the paths inside each YAML (stage configs,
-    data files, tokenizer) resolved beside that YAML, passed on as YAML text: the pipeline runs the same
-    from any working directory."""
-    from rlhf_lit.recipes import expand_config_args, resolve_pipeline_paths
-
-    args, out, i = expand_config_args(argv), [], 0
-    while i < len(args):
-        arg = args[i]
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2]
-        if (arg == "--config" or arg.startswith("--config=")) and Path(path).is_file():
-            cfg = yaml.safe_load(Path(path).read_text()) or {}
-            if isinstance(cfg, dict):
-                path = yaml.safe_dump(resolve_pipeline_paths(cfg, Path(path).resolve().parent), sort_keys=False)
-            out += ["--config", path]
-            i += 2 if arg == "--config" else 1
-            continue
-        out.append(arg)
-        i += 1
-    return out
 
 
 def from_args(argv: list[str]) -> Pipeline:

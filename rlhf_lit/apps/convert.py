@@ -46,7 +46,7 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_lit.outputs import check_output, mark
+    from rlhf_lit.training.outputs import check_output, mark
 
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():

@@ -21,11 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_lit.chat_format import ChatFormat
 from rlhf_lit.errors import InputError
-from rlhf_lit.models import HFModel
-from rlhf_lit.ops import pad_sequences
-from rlhf_lit.tokenizer import HFTokenizer
+from rlhf_lit.hf.chat_format import ChatFormat
+from rlhf_lit.hf.models import HFModel
+from rlhf_lit.hf.tokenizer import HFTokenizer
+from rlhf_lit.math.ops import pad_sequences
 
 
 class RewardSource(nn.Module):

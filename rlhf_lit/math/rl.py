@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_lit.ops import last_attended_index, masked_mean, masked_var, masked_whiten
+from rlhf_lit.math.ops import last_attended_index, masked_mean, masked_var, masked_whiten
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -73,7 +73,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_fn=None) -> Tensor:
-    """Whitening of the valid (masked-in) entries; see :func:`rlhf_lit.ops.masked_whiten`."""
+    """Whitening of the valid (masked-in) entries; see :func:`rlhf_lit.math.ops.masked_whiten`."""
     return masked_whiten(x, mask, shift_mean=shift_mean, sum_fn=sum_fn)
 
 

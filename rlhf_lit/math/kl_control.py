@@ -15,6 +15,11 @@ class KLController:
             raise ValueError(f"KL coefficient must be >= 0, got {value}")
         self.value = float(value)
 
+    @property
+    def off(self) -> bool:
+        """A coefficient that is 0 and stays 0: no KL penalty or loss anywhere, so no reference is needed."""
+        return False
+
     def update(self, current_kl: float, n_steps: int) -> None:
         """Called once per rollout batch with the mean per-sequence KL and the number of sequences."""
 
@@ -34,6 +39,10 @@ class FixedKL(KLController):
             value: the KL coefficient beta.
         """
         super().__init__(value)
+
+    @property
+    def off(self) -> bool:
+        return self.value == 0
 
 
 class AdaptiveKL(KLController):

@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlhf_lit.chat_format import ChatFormat, Prompt
-from rlhf_lit.models import accepts_arg, cache_arg, returned_cache
-from rlhf_lit.ops import pad_sequences, position_ids_from_mask
-from rlhf_lit.vllm_engine import VLLMOptions
+from rlhf_lit.hf.chat_format import ChatFormat, Prompt
+from rlhf_lit.hf.models import accepts_arg, cache_arg, returned_cache
+from rlhf_lit.math.ops import pad_sequences, position_ids_from_mask
+from rlhf_lit.rl.vllm_engine import VLLMOptions
 
 ENGINES = ("kv_loop", "compiled", "hf", "vllm")
 STATIC_CACHE_ROUND = 64
@@ -120,7 +120,7 @@ def sample(
 
 def attached_engine(model, tokenizer, cfg: GenerationConfig):
     """The vLLM engine kept with ``model`` (built on first use from its current weights)."""
-    from rlhf_lit.vllm_engine import VLLMEngine
+    from rlhf_lit.rl.vllm_engine import VLLMEngine
 
     engine = model.__dict__.get("_vllm_engine")
     if engine is None:

@@ -4,7 +4,7 @@ The engine lives in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 from a copy of the actor written to a temporary directory, and receives the actor's current weights with
 ``reload_weights`` after the optimizer steps of every training step (LoRA adapters merged first; ZeRO-3
 shards gathered first). It is fed token ids (no re-tokenisation) and returns responses in the ``(B, R)``
-layout of :func:`rlhf_lit.generation.kv_loop` — pad after each row's first stop token — plus the engine's
+layout of :func:`rlhf_lit.rl.generation.kv_loop` — pad after each row's first stop token — plus the engine's
 own log-probabilities of the sampled tokens, which the trainer compares with its recomputed ones
 (``rollout/logprob_diff_*``) and may correct for (``algo.tis_cap``, truncated importance sampling).
 
@@ -78,7 +78,7 @@ def require_vllm():
 def engine_dtype(opts: VLLMOptions, device: torch.device) -> str:
     if opts.dtype != "auto":
         return opts.dtype
-    from rlhf_lit.models import native_half
+    from rlhf_lit.hf.models import native_half
 
     return "bfloat16" if native_half(device, torch.bfloat16) else "float32"
 
@@ -186,11 +186,21 @@ class VLLMEngine:
             raise
         return cls(llm, workdir, opts, on_gpu, getattr(torch, kw["dtype"]))
 
+    @classmethod
+    def colocated(cls, policy: nn.Module, tokenizer, opts: Optional[VLLMOptions], rank: int = 0) -> VLLMEngine:
+        """The engine beside a training run: the policy's current weights (gathered under ZeRO-3), sampling
+        with the run's seed + rank (Lightning's seed_everything sets PL_GLOBAL_SEED)."""
+        from rlhf_lit.hf.models import gathered
+
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31)) + rank
+        with gathered(policy.parameters()):
+            return cls.from_model(policy, tokenizer, opts, seed=seed)
+
     @torch.no_grad()
     def sync(self, model: nn.Module) -> float:
         """Load ``model``'s current weights into the engine (adapters merged; ZeRO-3 shards gathered; the
         caller runs this on every rank, and each rank feeds its own engine). Returns the seconds taken."""
-        from rlhf_lit.models import gathered
+        from rlhf_lit.hf.models import gathered
 
         t0 = time.perf_counter()
         self.wake()

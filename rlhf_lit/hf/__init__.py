@@ -1,0 +1,1 @@
+"""Hugging Face adapters: model specs and builders, tokenizers, chat templates, the hub."""

@@ -1,0 +1,110 @@
+"""Forward-signature introspection (which arguments a family takes), the hidden states and LM head of a
+causal LM, and next-token log-probs."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_lit.math.ops import chunked_logprobs, position_ids_from_mask
+
+
+def accepts_arg(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward (a peft model's base model's) takes keyword ``name``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in _forward_params(type(base))
+
+
+@functools.cache
+def _forward_params(cls: type) -> frozenset:
+    # Once per model class: this runs in every forward (lm_inputs) and in the generation loop.
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_arg(model: nn.Module, cache) -> dict:
+    """The KV-cache keyword of the model's forward: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return {"cache" if accepts_arg(model, "cache") else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """Forward keywords with explicit ``position_ids`` where the family takes them (left padding safe)."""
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if accepts_arg(model, "position_ids"):
+        kw["position_ids"] = position_ids_from_mask(attention_mask)
+    return kw
+
+
+# Config fields by which a family's causal-LM forward changes the logits after the LM head (Gemma 2's
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling). Kept beside the probe below because a
+# soft-cap is invisible on small logits (tanh(x/30)*30 ~ x): a random tiny model would pass the probe.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+_PLAIN_HEAD = "_rlhf_lit_plain_head"  # the probe's verdict, kept on the base model
+
+
+@torch.no_grad()
+def _head_gives_the_logits(base: nn.Module, head: nn.Module) -> bool:
+    """Whether ``head(last hidden state)`` equals the model's own logits on a few tokens, in eval mode. A
+    family that transforms logits after the head under a name nobody listed (Falcon-H1's
+    ``lm_head_multiplier``, 0.039 in published configs: log-probs 0.33 nats off, audit #27) fails it."""
+    modes = [(m, m.training) for m in base.modules()]
+    base.eval()
+    try:
+        vocab = base.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 9, device=head.weight.device) % vocab).unsqueeze(0)
+        kw = lm_inputs(base, ids, torch.ones_like(ids))
+        logits = base(**kw, use_cache=False).logits.float()
+        mine = head(base.base_model(**kw, use_cache=False).last_hidden_state).float()
+        return mine.shape == logits.shape and torch.allclose(mine, logits, rtol=1e-3, atol=1e-5)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def lm_hidden(model: nn.Module, **inputs) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The last hidden states of a causal LM (B, T, H) and its LM head, so callers apply the head on the
+    positions they need, in chunks (:func:`rlhf_lit.math.ops.chunked_logprobs`): a (B, T, V) logits tensor is
+    never made. ``head(lm_hidden(...)[0])`` equals ``model(...).logits`` (tested for every tiny family).
+    A peft model's adapters stay in the path (it wraps the same modules). Families whose forward
+    transforms the logits after the head give (logits, identity) instead: same results, more memory. Which
+    ones is read from the config's known fields and, for any other family, checked once per model by
+    :func:`_head_gives_the_logits` at its first call."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, cfg = base.get_output_embeddings(), base.config
+    plain = getattr(base, _PLAIN_HEAD, None)
+    if plain is None:
+        plain = isinstance(head, nn.Linear) and not any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS
+        )
+        plain = plain and _head_gives_the_logits(base, head)
+        object.__setattr__(base, _PLAIN_HEAD, plain)
+    if not plain:
+        return model(**inputs, use_cache=False).logits, nn.Identity()
+    return base.base_model(**inputs, use_cache=False).last_hidden_state, head
+
+
+def next_token_logprobs(model: nn.Module, **inputs) -> Tensor:
+    """Log-prob of each next token, (B, T - 1): entry t is token t+1 predicted at position t. ``inputs``:
+    the forward's keywords, ``input_ids`` (B, T) among them; computed in LM-head chunks."""
+    hidden, head = lm_hidden(model, **inputs)
+    return chunked_logprobs(hidden[:, :-1], head, inputs["input_ids"][:, 1:])[0]
+
+
+def response_logps(model, input_ids, attention_mask, prompt_len):
+    """Summed log-probs of the response tokens and their count. input_ids, attention_mask: (2B, T), the B
+    chosen rows then the B rejected ones; prompt_len: (B,). Returns two (2B,) tensors."""
+    lp = next_token_logprobs(model, **lm_inputs(model, input_ids, attention_mask))
+    pos = torch.arange(1, input_ids.size(1), device=input_ids.device)
+    response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask[:, 1:].bool()
+    return (lp * response).sum(-1), response.sum(-1)
