@@ -1,7 +1,8 @@
 """The ``rlhf-lit`` command: LightningCLI for fit/validate/test, plus the project's own subcommands.
 
 Stage modules and datamodules are chosen by ``class_path`` in YAML, so this file imports none of
-them; subcommands that live beside them are resolved by import path, the same way.
+them; a command that lives beside them (``data``) registers itself through the ``rlhf_lit.commands``
+entry point.
 """
 
 from __future__ import annotations
