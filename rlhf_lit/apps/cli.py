@@ -201,8 +201,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return 0 if argv else 2
-    plugins = registered()
-    if argv and (argv[0] in SUBCOMMANDS or argv[0] in plugins):
+    # Registered commands are looked up only for a name that is not one of ours (an entry-point scan reads
+    # every installed distribution's metadata: not on the path of `fit`).
+    plugins = {} if argv[0] in SUBCOMMANDS or argv[0] in LIGHTNING or argv[0].startswith("-") else registered()
+    if argv[0] in SUBCOMMANDS or argv[0] in plugins:
         try:
             command = resolve(SUBCOMMANDS[argv[0]]) if argv[0] in SUBCOMMANDS else plugins[argv[0]].load()
             return command(argv[1:]) or 0

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.hf.models import gathered
-from rlhf_lit.math.ops import masked_mean
 from rlhf_lit.math.rl import overlong_penalty, varied_groups
 from rlhf_lit.rl.actor_critic import ActorCritic, sequence_logprobs
 from rlhf_lit.rl.config import PPOConfig
@@ -230,26 +229,6 @@ def penalised_scores(ro: Rollout, algo: PPOConfig, max_new_tokens: int) -> Tenso
     if algo.score_clip is not None:
         scores = scores.clamp(-algo.score_clip, algo.score_clip)
     return scores
-
-
-def rollout_metrics(ro: Rollout, kl_stats: dict, per_step: list[dict], skipped: int, timing: dict) -> dict:
-    """The step's logged figures: objective (scores, KL and the rest of ``kl_stats``, entropy), rollout
-    shape, the update's mean ``ppo/`` stats over its optimizer steps, and the phases' timing."""
-    seconds = max(sum(timing.values()), 1e-9)
-    logs = {
-        "objective/scores": ro.scores.mean(),
-        **{f"objective/{k}": v for k, v in kl_stats.items()},  # kl, non_score_reward, rlhf_reward
-        "objective/entropy": masked_mean(ro.entropy, ro.mask),
-        "rollout/response_len_mean": ro.mask.sum(-1).mean(),
-        "rollout/eos_fraction": ro.eos_fraction,
-        "ppo/skipped_minibatches": float(skipped),
-        **{f"time/{k}": v for k, v in timing.items()},
-        "time/tokens_per_s": float(ro.mask.sum()) / seconds,
-        "time/prompts_per_s": ro.mask.size(0) / seconds,
-    }
-    for key in per_step[0] if per_step else []:
-        logs[f"ppo/{key}"] = torch.stack([s[key] for s in per_step]).mean()
-    return logs
 
 
 class InformativeBuffer:

@@ -28,7 +28,7 @@ from rlhf_lit.math.kl_control import KLController
 from rlhf_lit.math.ops import masked_mean
 from rlhf_lit.rl.actor_critic import ActorCritic
 from rlhf_lit.rl.config import PPOConfig
-from rlhf_lit.rl.experience import Rollout, penalised_scores, rollout_metrics
+from rlhf_lit.rl.experience import Rollout, penalised_scores
 from rlhf_lit.rl.rewards import score
 
 
@@ -177,12 +177,26 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
 
 
 def step_metrics(ro: Rollout, result: UpdateResult, timing: dict, kl_coef: float, reward=None, monitor=None) -> dict:
-    """Everything one PPO step logs: the rollout's and the update's figures (:func:`rollout_metrics`), the KL
-    coefficient, the engine mismatch, rows the reward model's own tokenizer cut, and the monitor's scores
-    (a reward source watched, never trained on)."""
-    logs = rollout_metrics(ro, result.kl_stats, result.per_step, result.skipped, timing)
-    logs["objective/kl_coef"] = kl_coef
-    logs.update({f"rollout/{k}": v for k, v in result.engine_stats.items()})
+    """Everything one PPO step logs: objective (scores, KL and the rest of the rollout's KL stats, entropy,
+    the KL coefficient, the monitor's scores: a reward source watched, never trained on), the rollout's shape
+    and engine mismatch, the update's mean ``ppo/`` stats over its optimizer steps, rows the reward model's
+    own tokenizer cut, and the phases' timing."""
+    seconds = max(sum(timing.values()), 1e-9)
+    logs = {
+        "objective/scores": ro.scores.mean(),
+        **{f"objective/{k}": v for k, v in result.kl_stats.items()},  # kl, non_score_reward, rlhf_reward
+        "objective/entropy": masked_mean(ro.entropy, ro.mask),
+        "objective/kl_coef": kl_coef,
+        "rollout/response_len_mean": ro.mask.sum(-1).mean(),
+        "rollout/eos_fraction": ro.eos_fraction,
+        **{f"rollout/{k}": v for k, v in result.engine_stats.items()},
+        "ppo/skipped_minibatches": float(result.skipped),
+        **{f"time/{k}": v for k, v in timing.items()},
+        "time/tokens_per_s": float(ro.mask.sum()) / seconds,
+        "time/prompts_per_s": ro.mask.size(0) / seconds,
+    }
+    for key in result.per_step[0] if result.per_step else []:
+        logs[f"ppo/{key}"] = torch.stack([s[key] for s in result.per_step]).mean()
     if getattr(reward, "truncated", None) is not None:
         logs["reward/truncated_rows"] = float(reward.truncated)
     if monitor is not None:
