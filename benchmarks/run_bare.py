@@ -3,8 +3,11 @@ workload: no Lightning, no callbacks, no logging. Ours ÷ this is the framework'
 
     python benchmarks/run_bare.py sft --workload runs/bench/workload-tiny --steps 40 --warmup 5
 
-Data encoding and the pure math (losses, GAE, PPO losses, rollout scoring) are the library's: what
-this leaves out is exactly what the Lightning modules add around them.
+Data encoding and the pure math (losses, GAE, PPO losses, rollout scoring, a reward pair packed in one
+row) are the library's: what this leaves out is what the Lightning modules add around them. Models are
+transformers' as loaded (their sdpa attention) and SFT computes the full logits, as a hand-written loop
+does; rlhf-lit's model builders run attention in fp32 on CPU and its SFT runs the LM head on the loss's
+positions only (benchmarks/README.md measures each).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from datamodules import collate as C
 from rlhf_lit.hf.models import load_scalar_model
 from rlhf_lit.math import losses
 from rlhf_lit.math import rl as ppo
-from rlhf_lit.math.ops import logprobs_from_logits, split_shared_prompt
+from rlhf_lit.math.ops import logprobs_from_logits, pack_shared_prompt
 from rlhf_lit.rl.actor_critic import ActorCritic
 from rlhf_lit.rl.experience import make_rollout
 from rlhf_lit.rl.generation import GenerationConfig
@@ -68,10 +71,10 @@ def run_reward(w: Path, tok, records, steps: int, log: StepLog) -> None:
     opt = optimizer(model)
     log.start()
     for b in batches(items, lambda x: C.collate_pairs(x, tok.pad_token_id), steps):
-        # As RewardModule: each pair's prompt runs once, both responses on its KV cache.
+        # As RewardModule: each pair in one row, its prompt once, the two responses apart under a 4D mask.
         n = b["input_ids"].size(0) // 2
-        parts = split_shared_prompt(b["input_ids"], b["attention_mask"], b["prompt_len"], tok.pad_token_id)
-        scores = model.score_shared_prompt(*parts).view(n, 2)
+        packed = pack_shared_prompt(b["input_ids"], b["attention_mask"], b["prompt_len"], tok.pad_token_id)
+        scores = model.score_packed(*packed)
         loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
         opt.zero_grad()
         loss.backward()

@@ -71,13 +71,21 @@ def common_args(out: str, steps: int) -> dict:
     )
 
 
+def conversations(w: Path, tok) -> list[dict] | None:
+    """The workload's rows as chat messages where the tokenizer has a chat template (SmolLM2): TRL then
+    renders them with it, as rlhf-lit does, and both train on the same tokens. Plain HH text (TRL's
+    standard format) would skip the template: 25-38% fewer tokens a row than rlhf-lit trains on."""
+    if not tok.chat_template:
+        return None
+    return read_jsonl(w / "conversations.jsonl")
+
+
 def run_sft(w: Path, steps: int, warmup: int, out: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(w / "tokenizer")
-    data = Dataset.from_list(
-        [{"prompt": r["prompt"], "completion": r["chosen"]} for r in read_jsonl(w / "records.jsonl")]
-    )
+    rows = conversations(w, tok) or read_jsonl(w / "records.jsonl")
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
     args = SFTConfig(
         **common_args(out, steps),
         max_length=H["max_seq_len"],
@@ -102,7 +110,7 @@ def run_reward(w: Path, steps: int, warmup: int, out: str) -> None:
     from trl import RewardConfig, RewardTrainer
 
     tok = AutoTokenizer.from_pretrained(w / "tokenizer")
-    data = Dataset.from_list(read_jsonl(w / "records.jsonl"))
+    data = Dataset.from_list(conversations(w, tok) or read_jsonl(w / "records.jsonl"))
     args = RewardConfig(**common_args(out, steps), max_length=H["max_seq_len"], dataset_num_proc=1)
     model = AutoModelForSequenceClassification.from_pretrained(w / "reward_hf", num_labels=1)
     log, work = StepLog(), []
@@ -118,7 +126,12 @@ def run_ppo(w: Path, steps: int, warmup: int, out: str) -> None:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tok = AutoTokenizer.from_pretrained(w / "tokenizer", padding_side="left")
-    ids = tok([r["prompt"] for r in read_jsonl(w / "records.jsonl")], add_special_tokens=False)["input_ids"]
+    chats = conversations(w, tok)
+    if chats:
+        texts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chats]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok([r["prompt"] for r in read_jsonl(w / "records.jsonl")], add_special_tokens=False)["input_ids"]
     data = Dataset.from_dict({"input_ids": [x[-H["max_prompt_len"] :] for x in ids]})
     n = steps * H["batch_size"]
     args = PPOConfig(

@@ -4,7 +4,9 @@ initial models every framework starts from (same weights, same tokens).
     python benchmarks/workload.py --size tiny --out runs/bench/workload-tiny
 
 Writes ``hh.jsonl`` (HH-RLHF's original schema: whole ``chosen``/``rejected`` dialogues), ``records.jsonl``
-(the same rows as prompt/chosen/rejected, split by rlhf-lit's HH normaliser, for the peers), ``tokenizer/``,
+(the same rows as prompt/chosen/rejected, split by rlhf-lit's HH normaliser, for the peers),
+``conversations.jsonl`` (the same rows as chat messages, TRL's conversational format: a tokenizer with a
+chat template renders them as rlhf-lit does, so every framework trains on the same tokens), ``tokenizer/``,
 ``policy/`` (OPTForCausalLM), ``reward/`` (rlhf-lit scalar-model export: backbone + value head) and
 ``reward_hf/`` (the same weights as OPTForSequenceClassification, for TRL), and ``meta.json`` (sizes,
 parameter counts, rows kept/dropped by the token limits).
@@ -32,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from datamodules.sources import split_hh
+from rlhf_lit.hf.chat_format import to_messages
 from rlhf_lit.hf.models import ScalarModel
 from rlhf_lit.hf.tokenizer import save_atomically, train_bpe
 
@@ -115,7 +118,7 @@ def dialogue_rows(seed: int, n: int) -> list[dict]:
     return rows
 
 
-VERSION = 3  # bump when what build() writes changes: an older workload folder is rebuilt
+VERSION = 4  # bump when what build() writes changes: an older workload folder is rebuilt
 
 
 def build(size: str, out: Path, seed: int = 0, policy_only: bool = False) -> dict:
@@ -150,6 +153,19 @@ def build(size: str, out: Path, seed: int = 0, policy_only: bool = False) -> dic
         f.writelines(json.dumps(rows[i]) + "\n" for i in keep)
     with open(out / "records.jsonl", "w") as f:
         f.writelines(json.dumps({k: records[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n" for i in keep)
+    reply = lambda text: [{"role": "assistant", "content": text.strip()}]
+    with open(out / "conversations.jsonl", "w") as f:
+        f.writelines(
+            json.dumps(
+                {
+                    "prompt": to_messages(records[i]["prompt"]),
+                    "chosen": reply(records[i]["chosen"]),
+                    "rejected": reply(records[i]["rejected"]),
+                }
+            )
+            + "\n"
+            for i in keep
+        )
 
     torch.manual_seed(seed)
     policy = initial_policy(size, tok)

@@ -220,10 +220,11 @@ class PreferenceDataModule(StageDataModule):
 
     @staticmethod
     def length(item):
-        # Sort key for bucketing: prompts of similar length (8-token bins), then responses of similar length.
-        # The reward model runs prompts and responses apart (shared_prompt), so both paddings count; on the
-        # benchmark workload this pads 22% above the real tokens, vs 35% sorting by whole length, 69% unsorted.
-        return (item["prompt_len"] // 8, max(len(item["chosen_ids"]), len(item["rejected_ids"])) - item["prompt_len"])
+        # Sort key for bucketing: the length of the pair's packed row, prompt once then both responses (the
+        # reward model's shared_prompt on families that take 4D masks). On the SmolLM2 benchmark workload
+        # the rows pad 1% above their real tokens, vs 14% with the former key (prompt bin, then the longer
+        # response) and 27% unsorted (#30).
+        return len(item["chosen_ids"]) + len(item["rejected_ids"]) - item["prompt_len"]
 
     def collate(self, items):
         return C.collate_pairs(items, self.tokenizer.pad_token_id)

@@ -100,7 +100,8 @@ class DPOModule(StageModule):
         return logps
 
     def step(self, batch):
-        logps, n = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
+        with self.uncached_autocast():
+            logps, n = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
         b = logps.size(0) // 2
         ref = self.reference_logps(batch) if self.cfg.needs_reference else None
         c = self.cfg

@@ -10,9 +10,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from rlhf_lit.hf.models import ModelSpec, enable_checkpointing
+from rlhf_lit.hf.models import ModelSpec, enable_checkpointing, takes_4d_mask
 from rlhf_lit.math import losses
-from rlhf_lit.math.ops import last_attended_index, split_shared_prompt
+from rlhf_lit.math.ops import last_attended_index, pack_shared_prompt, split_shared_prompt
 from rlhf_lit.training.optim import LRSchedule
 from rlhf_lit.training.stage_module import StageModule
 
@@ -43,16 +43,17 @@ class RewardModule(StageModule):
             loss: 'bradley_terry' on the last-token scores (with the pair's margin when the data has one),
                 or 'divergent_suffix', DeepSpeed-Chat's token-wise loss over the differing suffix.
             center_coef: weight of the reward-centering term (Eisenstein et al. 2023); 0 disables it.
-            shared_prompt: run each pair's prompt once and both responses on its KV cache (same scores,
-                P + 2R tokens instead of 2(P + R)); only with bradley_terry and without gradient checkpointing.
+            shared_prompt: run each pair's prompt once (same scores, P + 2R tokens instead of 2(P + R));
+                only with bradley_terry. Families of FOUR_D_MASK_FAMILIES pack prompt, chosen and rejected
+                in one row under a mask that keeps the responses apart; others run both responses on the
+                prompt's KV cache (not with gradient checkpointing, which drops the cache).
         """
         super().__init__(optimizer, schedule, weight_decay)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.save_hyperparameters()
         self.spec, self.loss_type, self.center_coef = model, loss, center_coef
-        # The divergent-suffix loss reads every token's value; checkpointing drops the KV cache.
-        self.shared_prompt = shared_prompt and loss == "bradley_terry" and not model.gradient_checkpointing
+        self.shared_prompt = shared_prompt and loss == "bradley_terry"  # divergent_suffix reads every token
         self.model = None
         self.val_stats: dict[str, float] = {}
         self.epoch_sums: dict = {}
@@ -72,11 +73,20 @@ class RewardModule(StageModule):
         return self.model.score(input_ids, attention_mask)
 
     def step(self, batch):
+        with self.uncached_autocast():
+            return self.scored_loss(batch)
+
+    def scored_loss(self, batch):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         b = ids.size(0) // 2
-        if self.shared_prompt and "prompt_len" in batch and bool((batch["prompt_len"] > 0).all()):
-            parts = split_shared_prompt(ids, mask, batch["prompt_len"], self.tokenizer.pad_token_id)
-            scores = self.model.score_shared_prompt(*parts).view(b, 2).t().reshape(-1)  # chosen rows, then rejected
+        pad, shared = self.tokenizer.pad_token_id, self.shared_prompt and "prompt_len" in batch
+        if shared and takes_4d_mask(self.model.backbone):
+            # one row per pair: 1.6x fewer token slots than 2B padded rows on HH-style data (#30)
+            packed = pack_shared_prompt(ids, mask, batch["prompt_len"], pad)
+            scores = self.model.score_packed(*packed).t().reshape(-1)  # chosen rows, then rejected
+        elif shared and not self.spec.gradient_checkpointing and bool((batch["prompt_len"] > 0).all()):
+            parts = split_shared_prompt(ids, mask, batch["prompt_len"], pad)
+            scores = self.model.score_shared_prompt(*parts).view(b, 2).t().reshape(-1)
         else:
             values = self.model(ids, mask)  # (2B, T)
             scores = values.gather(1, last_attended_index(mask).unsqueeze(1)).squeeze(1)

@@ -9,15 +9,21 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text.rouge import ROUGEScore
 
-from rlhf_lit.hf.models import LoRA, ModelSpec, apply_lora, enable_checkpointing, lm_inputs, merged, next_token_logprobs
+from rlhf_lit.hf.models import (
+    FOUR_D_MASK_FAMILIES,
+    LoRA,
+    ModelSpec,
+    apply_lora,
+    enable_checkpointing,
+    lm_inputs,
+    merged,
+    next_token_logprobs,
+    takes_4d_mask,
+)
 from rlhf_lit.math import losses
 from rlhf_lit.rl.generation import GenerationConfig, generate_texts
 from rlhf_lit.training.optim import LRSchedule
 from rlhf_lit.training.stage_module import StageModule
-
-# Families whose attention honours a 4D block-diagonal mask with restarting position_ids (checked in
-# tests/test_perf_options.py); BLOOM (ALiBi from the 2D mask), GPT-J, GPT-Neo and CodeGen do not.
-PACKABLE = ("opt", "gpt2", "gpt_neox", "llama")
 
 
 class SFTModule(StageModule):
@@ -59,29 +65,29 @@ class SFTModule(StageModule):
             if self.spec.gradient_checkpointing:
                 enable_checkpointing(model)
             packed = self._trainer is not None and self.trainer.datamodule is not None and self.data.packed
-            if packed and model.config.model_type not in PACKABLE:
+            if packed and not takes_4d_mask(model):
                 raise ValueError(
                     f"data.pack needs a model family that takes 4D attention masks and position_ids "
-                    f"({', '.join(PACKABLE)}); {model.config.model_type!r} does not: set pack: false"
+                    f"({', '.join(FOUR_D_MASK_FAMILIES)}); {model.config.model_type!r} does not: set pack: false"
                 )
             # from_pretrained returns eval mode and Lightning does not switch it: without this, dropout and
             # gradient checkpointing would be silently off for a pretrained model (issue #13).
             self.model = apply_lora(model, self.lora).train()
 
-    def forward(self, input_ids, attention_mask, position_ids=None, attention_mask_4d=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, attention_mask_4d=None, loss_mask=None):
         """(B, T) ids and mask -> next-token log-probs (B, T - 1), computed in LM-head chunks (no (B, T, V)
-        logits; #18). Packed rows bring their positions and a (B, 1, T, T) block-diagonal mask (see
-        datamodules.collate.pack_sft)."""
+        logits; #18), only where ``loss_mask`` (B, T) reads them when it is given (0 elsewhere; #30). Packed
+        rows bring their positions and a (B, 1, T, T) block-diagonal mask (see datamodules.collate.pack_sft)."""
         if attention_mask_4d is None:
             kw = lm_inputs(self.model, input_ids, attention_mask)
         else:
             kw = {"input_ids": input_ids, "attention_mask": attention_mask_4d, "position_ids": position_ids}
-        return next_token_logprobs(self.model, **kw)
+        return next_token_logprobs(self.model, loss_mask, **kw)
 
     def step(self, batch):
-        logprobs = self(
-            batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("attention_mask_4d")
-        )
+        ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        with self.uncached_autocast():
+            logprobs = self(ids, mask, batch.get("position_ids"), batch.get("attention_mask_4d"), loss_mask)
         return losses.sft_loss(logprobs, batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):

@@ -18,9 +18,9 @@ from datamodules import PromptDataModule, SFTDataModule
 from datamodules import collate as C
 from datamodules.sampler import ResumableSampler
 from modules import PPOModule, SFTModule
-from rlhf_lit.hf.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half
+from rlhf_lit.hf.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half, takes_4d_mask
 from rlhf_lit.math import losses
-from rlhf_lit.math.ops import chunked_logprobs, logprobs_from_logits
+from rlhf_lit.math.ops import chunked_logprobs, logprobs_from_logits, pack_shared_prompt, split_shared_prompt
 from rlhf_lit.rl.actor_critic import response_hidden
 from rlhf_lit.rl.config import PPOConfig
 from rlhf_lit.rl.generation import GenerationConfig, generate, pick_tokens
@@ -190,6 +190,51 @@ def test_packed_rows_give_the_unpacked_loss(tok, family):
     )
     got, got_stats = losses.sft_loss(logprobs, batch["loss_mask"])
     assert got_stats["tokens"] == want_stats["tokens"] and torch.allclose(got, want, atol=1e-5)
+
+
+def test_pack_shared_prompt_mask_and_positions_by_hand():
+    # pair 0: prompt [5 6], chosen [7], rejected [8 9]; pair 1: prompt [4], chosen [3 2], rejected [1]
+    ids = torch.tensor([[5, 6, 7, 0], [4, 3, 2, 0], [5, 6, 8, 9], [4, 1, 0, 0]])
+    mask = (torch.arange(4) < torch.tensor([[3], [3], [4], [2]])).long()
+    out, attend, pos, last = pack_shared_prompt(ids, mask, torch.tensor([2, 1]), pad_id=0)
+    assert out.tolist() == [[5, 6, 7, 8, 9], [4, 3, 2, 1, 0]]
+    assert pos.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    assert last.tolist() == [[2, 4], [2, 3]]
+    want0 = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    want1 = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [0, 0, 0, 0, 1]]  # pad: itself
+    assert attend.shape == (2, 1, 5, 5) and attend[:, 0].long().tolist() == [want0, want1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pairs_shared_prompt_scores_like_its_two_whole_sequences(tok, family):
+    """Packed (one row a pair, 4D mask) where the family takes it, the KV-cache path everywhere: the same
+    scores and the same gradients as scoring chosen and rejected as two whole padded sequences."""
+    records = [
+        {"prompt": f"Question {i} about things?" + " more" * (i % 3), "chosen": f" Yes {i}" + " a" * (i % 4)}
+        for i in range(5)
+    ]
+    records = [{**r, "rejected": f" No {i} way" + " b" * ((i + 2) % 5)} for i, r in enumerate(records)]
+    items, _ = C.encode_pairs(tok, records, 64)
+    batch = C.collate_pairs(items, tok.pad_token_id)
+    ids, mask, prompt_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+    m = TinyModel(family, 32, 2, 4, 64, 128, seed=0).build_scalar(tok).eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def scored(fn):
+        scores = fn()
+        weights = torch.linspace(-1, 1, scores.numel())  # a loss that tells every score apart
+        return scores.detach(), torch.autograd.grad((scores * weights).sum(), params, allow_unused=True)
+
+    want, want_grads = scored(lambda: m.score(ids, mask))
+    pad = tok.pad_token_id  # both paths' scores reordered as chosen rows, then rejected
+    paths = {"kv_cache": lambda: m.score_shared_prompt(*split_shared_prompt(ids, mask, prompt_len, pad)).view(-1, 2)}
+    if takes_4d_mask(m.backbone):
+        paths["packed"] = lambda: m.score_packed(*pack_shared_prompt(ids, mask, prompt_len, pad))
+    for name, fn in paths.items():
+        got, grads = scored(lambda fn=fn: fn().t().reshape(-1))
+        assert torch.allclose(got, want, atol=1e-5), name
+        for g, w in zip(grads, want_grads):
+            assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, atol=1e-5)), name
 
 
 def test_packing_without_prompt_mask_never_predicts_across_examples(tok):

@@ -90,3 +90,94 @@ def test_ppo_under_bf16_mixed_trains_scores_close_to_fp32_and_moves_the_ema(toke
     assert loaded.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="HFExport dtype must be one of"):
         HFExport(str(tmp_path / "x"), "int8")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_forwards_run_bf16_autocast_without_its_weight_cache(stage, tokenizer_dir, tmp_path, monkeypatch):
+    """SFT, reward and DPO forwards run under the trainer's bf16 autocast with the weight cache off (#30:
+    it kept every cast weight to the step's end); a fp32 trainer has no autocast to change."""
+    seen = []
+    real = torch.nn.functional.linear
+
+    def linear(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    losses(tmp_path, tokenizer_dir, stage, "bf16-mixed", steps=1)
+    assert seen and all(on and not cached for on, cached in seen)
+    seen.clear()
+    losses(tmp_path, tokenizer_dir, stage, "32-true", steps=1)
+    assert seen and not any(on for on, _ in seen)
+
+
+def test_fp32_cpu_attention_switch_is_validated(monkeypatch):
+    from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV, upcast_attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert upcast_attention(cpu) and not upcast_attention(cuda)  # auto: on CPU only
+    monkeypatch.setenv(FP32_ATTENTION_ENV, "1")
+    assert upcast_attention(cpu) and upcast_attention(cuda)
+    monkeypatch.setenv(FP32_ATTENTION_ENV, "0")
+    assert not upcast_attention(cpu)
+    monkeypatch.setenv(FP32_ATTENTION_ENV, "sometimes")
+    with pytest.raises(ValueError, match=FP32_ATTENTION_ENV):
+        upcast_attention(cpu)
+
+
+def test_fp32_cpu_attention_is_sdpa_on_the_upcast_inputs(monkeypatch):
+    import torch.nn.functional as F
+
+    from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV, sdpa_fp32_on_cpu
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+    mask[1, :, :, 5:] = False
+    mask[1, :, 5:, 5] = True  # padding attends to itself
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    monkeypatch.setenv(FP32_ATTENTION_ENV, "1")
+    out, _ = sdpa_fp32_on_cpu(layer, q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    monkeypatch.setenv(FP32_ATTENTION_ENV, "0")
+    out, _ = sdpa_fp32_on_cpu(layer, q, k, v, mask)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_built_models_run_attention_in_fp32_under_bf16_autocast_on_cpu(family, tok, monkeypatch, tmp_path):
+    """The models rlhf-lit builds take the fp32 attention (#30): under bf16 autocast their logits and
+    gradients change with the switch and stay within bf16's tolerance of the fp32 model's; switched off
+    they are transformers' sdpa bit for bit; a saved model names plain sdpa."""
+    from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV, NAME
+
+    model = TinyModel(family, 64, 2, 4, 128, 128, seed=1).build_causal_lm(tok).train()
+    assert model.config._attn_implementation == NAME
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok) - 1, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+
+    def run(bf16: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        (logits * torch.linspace(-1, 1, logits.size(-1))).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return logits.detach(), grad
+
+    want_logits, want_grad = run(False)
+    got = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(FP32_ATTENTION_ENV, switch)
+        got[switch] = run(True)
+        logits, grad = got[switch]
+        assert (logits - want_logits).abs().max() < 0.05 * want_logits.abs().max()
+        assert (grad - want_grad).norm() < REL_TOL * 5 * want_grad.norm()
+    assert not torch.equal(got["1"][0], got["0"][0])  # the switch changes what runs
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(run(True)[0], got["0"][0])  # switched off: transformers' sdpa, bit for bit
+    model.save_pretrained(tmp_path)
+    assert NAME not in (tmp_path / "config.json").read_text()

@@ -155,6 +155,40 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
     return ids, mask
 
 
+def pack_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: int, groups: int = 2):
+    """Rows that share a prompt in groups (row ``g * B + b`` is response g to prompt b, its first
+    ``prompt_len[b]`` tokens the prompt, right-padded) -> one row per prompt: the prompt once, then each
+    response after it, right-padded to the longest such row.
+
+    Returns ids (B, L); a bool mask (B, 1, L, L), True where a token may attend: a prompt token to the
+    prompt before it, a response token to the prompt and to its own response before it, never to another
+    response (padding attends to itself only, so no softmax row is empty); position_ids (B, L), each
+    response continuing from the prompt's end as if it stood alone; last (B, G), the index in its row of
+    each response's last token. Attention sees what it would see in the G whole sequences, so scores read
+    at ``last`` equal theirs, for P + G*R tokens a prompt instead of G*(P + R) (#30)."""
+    b = prompt_len.numel()
+    lens, pl = mask.sum(1).tolist(), prompt_len.tolist()
+    rows, segs, pos, last = [], [], [], []
+    for i in range(b):
+        row, seg, posn, ends = ids[i, : pl[i]].tolist(), [1] * pl[i], list(range(pl[i])), []
+        for g in range(groups):
+            suffix = ids[g * b + i, pl[i] : lens[g * b + i]].tolist()
+            row += suffix
+            seg += [g + 2] * len(suffix)
+            posn += range(pl[i], pl[i] + len(suffix))
+            ends.append(len(row) - 1)
+        rows.append(row), segs.append(seg), pos.append(posn), last.append(ends)
+    out_ids, _ = pad_sequences(rows, pad_id)
+    seg_ids, _ = pad_sequences(segs, 0)  # 0: padding, 1: the prompt, g + 2: response g
+    pos_ids, _ = pad_sequences(pos, 0)
+    n = out_ids.size(1)
+    query, key = seg_ids.unsqueeze(2), seg_ids.unsqueeze(1)
+    attend = torch.ones(n, n, dtype=torch.bool).tril() & (query > 0) & ((key == query) | (key == 1))
+    attend = attend | torch.eye(n, dtype=torch.bool)
+    dev = ids.device
+    return out_ids.to(dev), attend.unsqueeze(1).to(dev), pos_ids.to(dev), torch.tensor(last, device=dev)
+
+
 def split_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: int, groups: int = 2):
     """Rows that share a prompt in groups (row ``g * B + b`` is response g to prompt b, its first
     ``prompt_len[b]`` tokens the prompt) -> the prompts once, left-padded, ``(B, P)`` ids and mask, and

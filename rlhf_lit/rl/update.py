@@ -135,7 +135,8 @@ class PPOUpdate:
         if a.entropy_coef:
             loss = loss - a.entropy_coef * masked_mean(entropy, mask)
         if ptx is not None and a.ptx_coef:
-            lp = next_token_logprobs(ac.policy, **lm_inputs(ac.policy, ptx["input_ids"], ptx["attention_mask"]))
+            inputs = lm_inputs(ac.policy, ptx["input_ids"], ptx["attention_mask"])
+            lp = next_token_logprobs(ac.policy, ptx["loss_mask"], **inputs)
             ptx_loss, _ = losses.sft_loss(lp, ptx["loss_mask"])
             loss, stats["ptx_loss"] = loss + a.ptx_coef * ptx_loss, ptx_loss.detach()
         return loss, stats

@@ -3,6 +3,7 @@ the Hugging Face export and its model card. One copy here instead of one per sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Callable, Iterable
@@ -112,6 +113,17 @@ class StageModule(L.LightningModule):
         opt.step()
         sched.step()
         return stats
+
+    def uncached_autocast(self):
+        """The trainer's autocast, when one is on (bf16-mixed, 16-mixed), without its weight cache: each
+        layer casts its weight where it runs. The cache keeps every cast weight until the step ends; a
+        stage that uses each weight once per forward gains nothing from it. SmolLM2 SFT in bf16 on CPU:
+        peak RSS 4,326 -> 4,218 MiB, the step as fast (#30). PPO keeps the cache: its rollout reuses
+        every weight once per sampled token."""
+        device = self.device.type
+        if not torch.is_autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
 
     def ranks(self) -> Ranks:
         """This run's collectives over data-parallel ranks, for the torch-only update rooms."""

@@ -22,6 +22,7 @@ from rlhf_lit.hf.models.adapt import (
     zero3_construction_off,
 )
 from rlhf_lit.hf.models.forward import (
+    FOUR_D_MASK_FAMILIES,
     accepts_arg,
     cache_arg,
     lm_hidden,
@@ -29,6 +30,7 @@ from rlhf_lit.hf.models.forward import (
     next_token_logprobs,
     response_logps,
     returned_cache,
+    takes_4d_mask,
 )
 from rlhf_lit.hf.models.precision import (
     DTYPES,
@@ -74,6 +76,8 @@ __all__ = [
     "hold_frozen",
     "lm_hidden",
     "lm_inputs",
+    "FOUR_D_MASK_FAMILIES",
+    "takes_4d_mask",
     "load_scalar_model",
     "merged",
     "native_half",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,17 @@ def cache_arg(model: nn.Module, cache) -> dict:
 def returned_cache(out):
     """The KV cache a forward returned, under either name."""
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+# Families whose attention honours a custom 4D mask with explicit position_ids (packed SFT rows, a reward
+# pair's prompt shared by both responses; checked in tests/test_perf_options.py). BLOOM (ALiBi from the 2D
+# mask), GPT-J, GPT-Neo and CodeGen do not.
+FOUR_D_MASK_FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+
+
+def takes_4d_mask(model: nn.Module) -> bool:
+    """Whether ``model`` (a peft model, a backbone or a causal LM) is of a family in FOUR_D_MASK_FAMILIES."""
+    return getattr(getattr(model, "config", None), "model_type", None) in FOUR_D_MASK_FAMILIES
 
 
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
@@ -94,17 +106,28 @@ def lm_hidden(model: nn.Module, **inputs) -> tuple[Tensor, Callable[[Tensor], Te
     return base.base_model(**inputs, use_cache=False).last_hidden_state, head
 
 
-def next_token_logprobs(model: nn.Module, **inputs) -> Tensor:
+def next_token_logprobs(model: nn.Module, target_mask: Optional[Tensor] = None, **inputs) -> Tensor:
     """Log-prob of each next token, (B, T - 1): entry t is token t+1 predicted at position t. ``inputs``:
-    the forward's keywords, ``input_ids`` (B, T) among them; computed in LM-head chunks."""
+    the forward's keywords, ``input_ids`` (B, T) among them; computed in LM-head chunks.
+
+    ``target_mask`` (B, T), read on the target side like a loss mask: the LM head runs only at the positions
+    that predict a token where it is 1, the others get 0. A loss that masks prompt and padding (SFT,
+    pretraining mix) pays for the head only where it reads it: at SmolLM2's 49,152-token vocabulary the
+    head is a fifth of the model's FLOPs, and half of an HH batch's positions are prompt or padding (#30)."""
     hidden, head = lm_hidden(model, **inputs)
-    return chunked_logprobs(hidden[:, :-1], head, inputs["input_ids"][:, 1:])[0]
+    targets = inputs["input_ids"][:, 1:]
+    if target_mask is None:
+        return chunked_logprobs(hidden[:, :-1], head, targets)[0]
+    keep = target_mask[:, 1:].bool()
+    picked = chunked_logprobs(hidden[:, :-1][keep].unsqueeze(0), head, targets[keep].unsqueeze(0))[0][0]
+    return picked.new_zeros(keep.shape).masked_scatter(keep, picked)
 
 
 def response_logps(model, input_ids, attention_mask, prompt_len):
     """Summed log-probs of the response tokens and their count. input_ids, attention_mask: (2B, T), the B
     chosen rows then the B rejected ones; prompt_len: (B,). Returns two (2B,) tensors."""
-    lp = next_token_logprobs(model, **lm_inputs(model, input_ids, attention_mask))
-    pos = torch.arange(1, input_ids.size(1), device=input_ids.device)
-    response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask[:, 1:].bool()
-    return (lp * response).sum(-1), response.sum(-1)
+    pos = torch.arange(input_ids.size(1), device=input_ids.device)
+    response = (pos[None] >= prompt_len.repeat(2)[:, None]) & attention_mask.bool()  # (2B, T), target side
+    response[:, 0] = False
+    lp = next_token_logprobs(model, response, **lm_inputs(model, input_ids, attention_mask))
+    return lp.sum(-1), response.sum(-1)

@@ -4,6 +4,7 @@ hardware has no native half-precision units (``RLHF_LIT_NATIVE_BF16`` forces eit
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,14 +30,23 @@ the switch that lets tests and benchmarks take either hardware branch on any mac
 def cpu_bf16_native() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (avx512_bf16 or AMX), or what
     ``RLHF_LIT_NATIVE_BF16`` forces. A bad value is a one-line error naming the variable."""
-    mode = os.environ.get(NATIVE_BF16_ENV, "auto").strip().lower() or "auto"
+    forced = hardware_switch(NATIVE_BF16_ENV)
+    if forced is not None:
+        return forced
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def hardware_switch(name: str) -> Optional[bool]:
+    """An environment switch that forces a hardware branch: ``1`` True, ``0`` False, ``auto`` (or unset)
+    None, meaning detect. A bad value is a one-line error naming the variable."""
+    mode = os.environ.get(name, "auto").strip().lower() or "auto"
     if mode in ("1", "true", "yes", "on"):
         return True
     if mode in ("0", "false", "no", "off"):
         return False
     if mode != "auto":
-        raise ValueError(f"{NATIVE_BF16_ENV} must be auto, 1 or 0, got {mode!r}")
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        raise ValueError(f"{name} must be auto, 1 or 0, got {mode!r}")
+    return None
 
 
 def native_half(device: torch.device, dtype: torch.dtype) -> bool:

@@ -49,6 +49,15 @@ class ScalarModel(nn.Module):
         values = self(input_ids, attention_mask)
         return values.gather(1, last_attended_index(attention_mask).unsqueeze(1)).squeeze(1)
 
+    def score_packed(self, ids: Tensor, mask_4d: Tensor, position_ids: Tensor, last: Tensor) -> Tensor:
+        """Scores of several responses packed behind their prompt in one row (the output of
+        :func:`rlhf_lit.math.ops.pack_shared_prompt`): ids, position_ids (B, L), mask_4d (B, 1, L, L), last
+        (B, G) -> scores (B, G), each read at its response's last token. One forward, no KV cache; needs a
+        family of FOUR_D_MASK_FAMILIES."""
+        out = self.backbone(input_ids=ids, attention_mask=mask_4d, position_ids=position_ids, use_cache=False)
+        values = self.value_head(out.last_hidden_state).squeeze(-1).float()
+        return values.gather(1, last)
+
     def score_shared_prompt(
         self, prompt_ids: Tensor, prompt_mask: Tensor, suffix_ids: Tensor, suffix_mask: Tensor
     ) -> Tensor:

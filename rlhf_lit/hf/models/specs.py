@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 
 from rlhf_lit.errors import InputError
 from rlhf_lit.hf.hub import hub_errors
+from rlhf_lit.hf.models.attention import use_fp32_cpu_attention
 from rlhf_lit.hf.models.adapt import _config_dropout, gathered, set_dropout
 from rlhf_lit.hf.models.precision import DTYPES
 from rlhf_lit.hf.models.scalar import VALUE_HEAD_FILE, ScalarModel, SequenceClassifier
@@ -157,7 +158,7 @@ class HFModel(ModelSpec):
             )
         if self.dropout is not None:
             set_dropout(model, self.dropout)
-        return fit_vocab(model, tokenizer)
+        return use_fp32_cpu_attention(fit_vocab(model, tokenizer))
 
     def build_causal_lm(self, tokenizer):
         return self._load(AutoModelForCausalLM, tokenizer)
@@ -259,7 +260,7 @@ class TinyModel(ModelSpec):
     def _build(self, auto_cls, tokenizer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return auto_cls.from_config(self.config(tokenizer))
+            return use_fp32_cpu_attention(auto_cls.from_config(self.config(tokenizer)))
 
     def build_causal_lm(self, tokenizer):
         return self._build(AutoModelForCausalLM, tokenizer)
