@@ -84,6 +84,9 @@ def contenders(task: str, size: str = "tiny") -> list[tuple[str, list[str]]]:
     """(name, command) of every contender of a task; the first is ours with defaults."""
     py = sys.executable
     out = [("ours", [py, str(HERE / "run_ours.py"), task])]
+    if size != "tiny":
+        # the A/B of the fp32 attention under bf16 on CPU (#30); bf16 rows only (in fp32 both are the same)
+        out.append(("ours_bf16_attention", [py, str(HERE / "run_ours.py"), task, "--bf16-attention"]))
     if task == "ppo" and size == "tiny":
         # the compiled decode step pays at the tiny size only: at SmolLM2's its generation ran 8% slower on
         # this CPU after a 95 s compile (benchmarks/README.md)
@@ -218,7 +221,9 @@ def main() -> None:
             for task in tasks:
                 steps, warmup = (3, 1) if a.quick else STEPS[size][task]
                 names = [
-                    (n, cmd + ["--dtype", dtype]) for n, cmd in contenders(task, size) if keep is None or n in keep
+                    (n, cmd + ["--dtype", dtype])
+                    for n, cmd in contenders(task, size)
+                    if (keep is None or n in keep) and not (n == "ours_bf16_attention" and dtype == "fp32")
                 ]
                 for r in range(a.repeats):
                     order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first

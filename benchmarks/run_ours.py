@@ -18,6 +18,7 @@ from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from datamodules.blend import Blend, SourceSpec
 from modules import PPOModule, RewardModule, SFTModule
 from rlhf_lit.hf.models import HFModel, LoRA
+from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV
 from rlhf_lit.hf.tokenizer import HFTokenizer
 from rlhf_lit.math.estimators import GAE
 from rlhf_lit.math.kl_control import FixedKL
@@ -129,7 +130,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=0, help="prompts (rows) per batch (0: the workload's 8)")
     p.add_argument("--minibatches", type=int, default=0, help="PPO: minibatches per rollout (0: the workload's 1)")
     p.add_argument("--engine", default="kv_loop", help="PPO: generation engine (kv_loop, compiled, hf, vllm)")
+    p.add_argument(
+        "--bf16-attention", action="store_true", help="attention in the autocast dtype, as transformers' sdpa (#30)"
+    )
     a = p.parse_args()
+    if a.bf16_attention:  # the A/B of the fp32 attention on CPU (rlhf_lit.hf.models.attention)
+        os.environ[FP32_ATTENTION_ENV] = "0"
     L.seed_everything(H["seed"], verbose=False)
     options = {**({"bucket_by_length": True} if a.bucket else {}), **({"pack": True} if a.pack else {})}
     module, data = build(a.task, Path(a.workload), options, a)
