@@ -127,7 +127,7 @@ def encode_pairs(tok, records: list[dict], max_len: int) -> tuple[list[dict], Co
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict[str, Tensor]:
     """Chosen rows first, then rejected, in one (2B, T) batch so one forward scores both; ``prompt_len``
-    (B,) lets the reward model run each shared prompt once (ScalarModel.score_shared_prompt)."""
+    (B,) lets the reward model run each shared prompt once (rlhf_lit.math.ops.pack_shared_prompt)."""
     ids, mask = pad([x["chosen_ids"] for x in items] + [x["rejected_ids"] for x in items], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask, "prompt_len": torch.tensor([x["prompt_len"] for x in items])}
     if all("index" in x for x in items):
