@@ -31,21 +31,25 @@ def upcast_attention(device: torch.device) -> bool:
 
 def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention function (same arguments and returns), run in fp32 where
-    :func:`upcast_attention` says so and the inputs are half precision; the output keeps the value's dtype.
+    :func:`upcast_attention` says so and it would otherwise compute in half precision (under autocast, or on
+    half inputs); the output is in that half dtype, as sdpa's would be.
     query, key, value: (B, heads, T, head_dim); attention_mask: (B, 1, T, S) bool or additive, or None."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # Rotary embeddings return fp32 queries and keys under autocast while the values stay bf16: the
-    # values' dtype says whether this attention runs in half precision.
-    if value.dtype not in _LOW or not upcast_attention(value.device):
+    # The dtype sdpa would compute in: autocast's where it is on (it casts sdpa's inputs; transformers 5.19
+    # hands llama's attention fp32 inputs under autocast, 5.25 bf16 values beside fp32 rotary queries and
+    # keys), else the values'.
+    device = value.device.type
+    half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    if half not in _LOW or not upcast_attention(value.device):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
-    with torch.autocast(value.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         out, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
         )
-    return out.to(value.dtype), weights
+    return out.to(half), weights
 
 
 def register() -> None:
