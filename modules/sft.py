@@ -68,7 +68,8 @@ class SFTModule(StageModule):
             if packed and not takes_4d_mask(model):
                 raise ValueError(
                     f"data.pack needs a model family that takes 4D attention masks and position_ids "
-                    f"({', '.join(FOUR_D_MASK_FAMILIES)}); {model.config.model_type!r} does not: set pack: false"
+                    f"({', '.join(FOUR_D_MASK_FAMILIES)}) with sdpa attention; {model.config.model_type!r} with "
+                    f"{model.config._attn_implementation!r} attention does not: set pack: false"
                 )
             # from_pretrained returns eval mode and Lightning does not switch it: without this, dropout and
             # gradient checkpointing would be silently off for a pretrained model (issue #13).

@@ -230,6 +230,10 @@ def test_a_pairs_shared_prompt_scores_like_its_two_whole_sequences(tok, family):
     paths = {"kv_cache": lambda: m.score_shared_prompt(*split_shared_prompt(ids, mask, prompt_len, pad)).view(-1, 2)}
     if takes_4d_mask(m.backbone):
         paths["packed"] = lambda: m.score_packed(*pack_shared_prompt(ids, mask, prompt_len, pad))
+    if takes_4d_mask(m.backbone):  # eager attention would read the bool mask as numbers: no packing then
+        eager = TinyModel(family, 32, 2, 4, 64, 128, seed=0).build_scalar(tok)
+        eager.backbone.set_attn_implementation("eager")
+        assert not takes_4d_mask(eager.backbone)
     for name, fn in paths.items():
         got, grads = scored(lambda fn=fn: fn().t().reshape(-1))
         assert torch.allclose(got, want, atol=1e-5), name

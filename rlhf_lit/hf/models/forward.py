@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from rlhf_lit.hf.models.attention import NAME as ATTENTION_NAME
 from rlhf_lit.math.ops import chunked_logprobs, position_ids_from_mask
 
 
@@ -41,11 +42,19 @@ def returned_cache(out):
 # pair's prompt shared by both responses; checked in tests/test_perf_options.py). BLOOM (ALiBi from the 2D
 # mask), GPT-J, GPT-Neo and CodeGen do not.
 FOUR_D_MASK_FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+# Attention implementations that read a bool 4D mask as such: eager adds it to the scores as numbers
+# (silently wrong results) and the flash kernels take none.
+_BOOL_MASK_ATTENTION = ("sdpa", ATTENTION_NAME)
 
 
 def takes_4d_mask(model: nn.Module) -> bool:
-    """Whether ``model`` (a peft model, a backbone or a causal LM) is of a family in FOUR_D_MASK_FAMILIES."""
-    return getattr(getattr(model, "config", None), "model_type", None) in FOUR_D_MASK_FAMILIES
+    """Whether ``model`` (a peft model, a backbone or a causal LM) is of a family in FOUR_D_MASK_FAMILIES
+    and runs sdpa attention (transformers' or rlhf-lit's fp32 one on CPU)."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) in FOUR_D_MASK_FAMILIES
+        and getattr(config, "_attn_implementation", None) in _BOOL_MASK_ATTENTION
+    )
 
 
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
