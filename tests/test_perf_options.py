@@ -515,3 +515,25 @@ def test_a_head_multiplier_nobody_listed_is_found_by_the_build_probe(tok):
     assert (torch.log_softmax(plain[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) - want).abs().max() > 0.05
     llama = model("llama", tok)
     assert isinstance(lm_hidden(llama, input_ids=ids, attention_mask=mask)[1], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bloom"])
+def test_head_on_the_loss_positions_only_gives_the_full_heads_loss_and_gradients(tok, family):
+    """next_token_logprobs with a target mask (SFT's loss_mask, DPO's response) runs the LM head on the
+    masked-in positions only (#30): the same log-probs there, 0 elsewhere, the same loss and gradients."""
+    from rlhf_lit.hf.models import next_token_logprobs
+
+    m = model(family, tok).train()
+    ids, mask = left_padded(tok)
+    target = mask.clone()
+    target[:, :6] = 0  # a prompt the loss does not read
+    params = [p for p in m.parameters() if p.requires_grad]
+    full = next_token_logprobs(m, **lm_inputs(m, ids, mask))
+    picked = next_token_logprobs(m, target, **lm_inputs(m, ids, mask))
+    keep = target[:, 1:].bool()
+    assert torch.allclose(picked[keep], full[keep], atol=1e-6) and bool((picked[~keep] == 0).all())
+    want, _ = losses.sft_loss(full, target)
+    got, _ = losses.sft_loss(picked, target)
+    assert torch.allclose(got, want, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert torch.allclose(g, w, atol=1e-6)
