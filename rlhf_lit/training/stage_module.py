@@ -118,8 +118,8 @@ class StageModule(L.LightningModule):
         """The trainer's autocast, when one is on (bf16-mixed, 16-mixed), without its weight cache: each
         layer casts its weight where it runs. The cache keeps every cast weight until the step ends; a
         stage that uses each weight once per forward gains nothing from it. SmolLM2 SFT in bf16 on CPU:
-        peak RSS 4,326 -> 4,218 MiB, the step as fast (#30). PPO keeps the cache: its rollout reuses
-        every weight once per sampled token."""
+        peak RSS 4,326 -> 4,218 MiB, the step as fast (#30). PPO is left as it was (its rollout runs in
+        inference mode, where autocast caches nothing; its training forward was not measured without it)."""
         device = self.device.type
         if not torch.is_autocast_enabled(device):
             return contextlib.nullcontext()
