@@ -14,6 +14,7 @@ from torch import Tensor
 
 from rlhf_lit.hf.chat_format import ChatFormat, to_messages
 from rlhf_lit.math.ops import pad_sequences as pad
+from rlhf_lit.math.ops import segment_attention
 
 
 def prompt_of(record: dict):
@@ -95,11 +96,7 @@ def collate_packed(items: list[dict], pad_id: int) -> dict[str, Tensor]:
     batch = collate_sft(items, pad_id)
     batch["position_ids"], _ = pad([x["position_ids"] for x in items], 0)
     seg, _ = pad([x["segments"] for x in items], 0)  # 0 = padding
-    t = seg.size(1)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg > 0).unsqueeze(2)
-    # Padding rows attend to themselves only, so softmax never sees an empty row.
-    batch["attention_mask_4d"] = ((same & causal) | torch.eye(t, dtype=torch.bool)).unsqueeze(1)
+    batch["attention_mask_4d"] = segment_attention(seg)
     return batch
 
 

@@ -155,6 +155,20 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
     return ids, mask
 
 
+def segment_attention(segments: Tensor, shared: Optional[int] = None) -> Tensor:
+    """Who may attend to whom in rows holding several sequences: segments (B, T), 0 for padding -> a bool
+    mask (B, 1, T, T), True where a token may attend: causally within its own segment, and to the earlier
+    tokens of segment ``shared`` (a prompt the other segments continue). Padding attends to itself only,
+    so no softmax row is empty."""
+    t = segments.size(1)
+    query, key = segments.unsqueeze(2), segments.unsqueeze(1)
+    visible = key == query
+    if shared is not None:
+        visible = visible | (key == shared)
+    attend = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril() & (query > 0) & visible
+    return (attend | torch.eye(t, dtype=torch.bool, device=segments.device)).unsqueeze(1)
+
+
 def pack_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: int, groups: int = 2):
     """Rows that share a prompt in groups (row ``g * B + b`` is response g to prompt b, its first
     ``prompt_len[b]`` tokens the prompt, right-padded) -> one row per prompt: the prompt once, then each
@@ -181,12 +195,9 @@ def pack_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: in
     out_ids, _ = pad_sequences(rows, pad_id)
     seg_ids, _ = pad_sequences(segs, 0)  # 0: padding, 1: the prompt, g + 2: response g
     pos_ids, _ = pad_sequences(pos, 0)
-    n = out_ids.size(1)
-    query, key = seg_ids.unsqueeze(2), seg_ids.unsqueeze(1)
-    attend = torch.ones(n, n, dtype=torch.bool).tril() & (query > 0) & ((key == query) | (key == 1))
-    attend = attend | torch.eye(n, dtype=torch.bool)
+    attend = segment_attention(seg_ids, shared=1)
     dev = ids.device
-    return out_ids.to(dev), attend.unsqueeze(1).to(dev), pos_ids.to(dev), torch.tensor(last, device=dev)
+    return out_ids.to(dev), attend.to(dev), pos_ids.to(dev), torch.tensor(last, device=dev)
 
 
 def split_shared_prompt(ids: Tensor, mask: Tensor, prompt_len: Tensor, pad_id: int, groups: int = 2):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rlhf_lit.hf.models.precision import hardware_switch
 
@@ -34,8 +35,6 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     :func:`upcast_attention` says so and it would otherwise compute in half precision (under autocast, or on
     half inputs); the output is in that half dtype, as sdpa's would be.
     query, key, value: (B, heads, T, head_dim); attention_mask: (B, 1, T, S) bool or additive, or None."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     # The dtype sdpa would compute in: autocast's where it is on (it casts sdpa's inputs; transformers 5.19
     # hands llama's attention fp32 inputs under autocast, 5.25 bf16 values beside fp32 rotary queries and
     # keys), else the values'.
