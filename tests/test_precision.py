@@ -115,6 +115,7 @@ def test_fp32_cpu_attention_switch_is_validated(monkeypatch):
     from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV, upcast_attention
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(FP32_ATTENTION_ENV, raising=False)  # auto, even where the suite runs with it forced
     assert upcast_attention(cpu) and not upcast_attention(cuda)  # auto: on CPU only
     monkeypatch.setenv(FP32_ATTENTION_ENV, "1")
     assert upcast_attention(cpu) and upcast_attention(cuda)
