@@ -41,7 +41,7 @@ PEERS = {"trl": ROOT / ".bench/trl/bin/python", "trl-ppo": ROOT / ".bench/trl-pp
 STEPS = {
     "tiny": {"sft": (40, 5), "reward": (40, 5), "ppo": (20, 3)},
     "30m": {"sft": (12, 2), "reward": (12, 2), "ppo": (5, 1)},
-    "smollm2": {"sft": (4, 1), "reward": (4, 1), "ppo": (2, 1)},
+    "smollm2": {"sft": (4, 1), "reward": (4, 1), "ppo": (4, 1)},
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 

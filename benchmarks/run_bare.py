@@ -95,7 +95,8 @@ def run_ppo(w: Path, tok, records, steps: int, log: StepLog) -> None:
     for b in batches(items, lambda x: C.collate_prompts(x, tok.pad_token_id), steps):
         # One PPO epoch, one minibatch: the old log-probs and values are the training forward's, detached.
         ro = make_rollout(ac, ref, score, tok, b["prompt_ids"], b["prompt_mask"], b["prompt"], gen, score_policy=False)
-        logprobs, _, values = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, gen.temperature)
+        # entropy_grad=False: a plain loop keeps no graph of an entropy it never uses
+        logprobs, _, values = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, gen.temperature, entropy_grad=False)
         old_lp, old_v = logprobs.detach(), values.detach()
         rewards, _ = ppo.shaped_rewards(ro.scores, old_lp, ro.ref_logprobs, ro.mask, H["kl_coef"])
         adv, ret = ppo.gae(rewards, old_v, ro.mask)

@@ -141,7 +141,7 @@ class PPOModule(StageModule):
             return
         # 3. the update: shaped rewards, advantages, the PPO epochs' minibatch steps, the KL controller
         t0 = time.perf_counter()
-        out = experience.fill_from_forward(self.ac, ro, self.gen.temperature) if fused else None
+        out = experience.fill_from_forward(self.ac, ro, self.gen.temperature, self.algo) if fused else None
         result = self.updater.run(self.ac, ro, self.take_step, ptx, out)
         # 4. the engine samples the next rollout with the new weights; logs and the sample table
         self.timing = {**ro.timing, "train_s": time.perf_counter() - t0}

@@ -65,6 +65,45 @@ def test_compiled_engine_equals_kv_loop_and_compiles_the_decode_step_once(tok):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cast_once_samples_the_tokens_of_per_step_autocast(tok, family, lora, monkeypatch):
+    """Under bf16 autocast the KV loop rounds the linear weights once per call, not once per decode step
+    (#30): the same logits and sampled tokens as autocast rounding them in every forward, LoRA adapters
+    included; the model keeps its fp32 parameters, a tied embedding included (OPT, GPT-2 tie their LM head
+    to it)."""
+    from rlhf_lit.rl import generation as G
+
+    m = model(family, tok)
+    if lora:
+        m = apply_lora(m, LoRA(r=2, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()  # adapters that change the logits
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids, mask = left_padded(tok)
+    assert G.cast_once(m) is m  # no autocast: nothing to round
+    cfg = GenerationConfig(max_new_tokens=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        fast = G.cast_once(m)
+        assert fast is not m
+        inputs = lm_inputs(m, ids, mask)
+        assert torch.equal(fast(**inputs).logits, m(**inputs).logits)
+        seen = []  # the LM head's weight in every forward of the loop, the prefill and each decode step
+        hook = m.get_output_embeddings().register_forward_pre_hook(lambda mod, _: seen.append(mod.weight.dtype))
+        torch.manual_seed(5)
+        once = generate(m, tok, ids, mask, cfg)
+        hook.remove()
+        assert len(seen) > 1 and set(seen) == {torch.bfloat16}
+        monkeypatch.setattr(G, "cast_once", lambda model: model)
+        torch.manual_seed(5)
+        every_step = generate(m, tok, ids, mask, cfg)
+    assert torch.equal(once[0], every_step[0]) and torch.equal(once[1], every_step[1])
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
 def test_kv_loop_stops_each_row_at_its_stop_token(tok):
     m = model("opt", tok)
     ids, mask = left_padded(tok)
@@ -122,6 +161,11 @@ def test_chunked_logprobs_equal_a_naive_loop_in_value_and_gradient():
     weights = torch.randn(2, 5)
     grads = torch.autograd.grad(((lp + ent) * weights).sum(), [hidden, head.weight])
     want = torch.autograd.grad(((lp_naive + ent_naive) * weights).sum(), [hidden, head.weight], retain_graph=True)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want))
+    lp2, logged = chunked_logprobs(hidden, head, tokens, 0.7, entropy=True, chunk=3, entropy_grad=False)
+    assert not logged.requires_grad and torch.allclose(logged, ent_naive, atol=1e-6)  # a logged entropy: no graph
+    grads = torch.autograd.grad((lp2 * weights).sum(), [hidden, head.weight])
+    want = torch.autograd.grad((lp_naive * weights).sum(), [hidden, head.weight], retain_graph=True)
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want))
     with torch.no_grad():  # no autograd: no checkpointing, same values
         assert torch.allclose(chunked_logprobs(hidden, head, tokens, 0.7, chunk=4)[0], lp_naive, atol=1e-6)
@@ -378,9 +422,20 @@ def test_frozen_model_held_in_bf16_computes_like_its_rounded_fp32_copy(tok, fami
         want = run(rounded)
         # fp32 trainer: each layer ran in fp32 on its rounded weights, the fp32 copy's result exactly
         torch.testing.assert_close(run(held), want, atol=1e-5, rtol=1e-5)
-        # bf16 autocast: the upcast layers run as the fp32 copy does under the same autocast, bit for bit
+        # bf16 autocast: the upcast layers run as the fp32 copy does under the same autocast, bit for bit;
+        # linear layers take their held bf16 weights as they are (autocast would round an fp32 copy back)
+        seen = []
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, _: seen.append((type(mod), mod.weight.dtype)))
+            for m in held.modules()
+            if type(m) in (torch.nn.Linear, torch.nn.LayerNorm)
+        ]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(run(held), run(rounded))
+        for h in hooks:
+            h.remove()
+        assert {dtype for cls, dtype in seen if cls is torch.nn.Linear} == {torch.bfloat16}
+        assert {dtype for cls, dtype in seen if cls is not torch.nn.Linear} <= {torch.float32}
         # a bf16-true trainer: the model computes in bf16 itself, within bf16's rounding of the logits
         hold_frozen(held, "bfloat16", compute_held=True)
         got = run(held)

@@ -1,6 +1,8 @@
 """PPO's update room without a Trainer (#29): a rollout batch and a plain torch optimizer in, optimizer
 steps out. Hand-built rollouts, so every figure the update starts from is known."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,9 +10,10 @@ from rlhf_lit.hf.models import TinyModel
 from rlhf_lit.math import rl as ppo
 from rlhf_lit.math.estimators import GAE, GRPO
 from rlhf_lit.math.kl_control import AdaptiveKL, FixedKL
+from rlhf_lit.math.ops import masked_mean
 from rlhf_lit.rl.actor_critic import build_actor_critic
 from rlhf_lit.rl.config import PPOConfig
-from rlhf_lit.rl.experience import Rollout
+from rlhf_lit.rl.experience import Rollout, fill_from_forward
 from rlhf_lit.rl.update import PPOUpdate, Ranks, ema_update
 
 B, P, R = 4, 3, 5
@@ -139,3 +142,32 @@ def test_ema_update_moves_the_copy_by_one_minus_beta():
     ema_update(a, b, beta=0.9)
     for e, o, p in zip(a.parameters(), old, b.parameters()):
         torch.testing.assert_close(e, 0.9 * o + 0.1 * p.detach())
+
+
+def test_the_entropy_bonus_back_propagates_and_a_logged_entropy_carries_no_graph(ac):
+    """entropy_coef 0 (the default): the entropy is logged only and computed without a graph (no softmax
+    backward over the vocabulary, #30); with a bonus its gradient joins the loss's."""
+    ro = rollout(ac)
+    logged = ac(ro.input_ids, ro.attention_mask, P, 1.0, entropy_grad=False)
+    graph = ac(ro.input_ids, ro.attention_mask, P)
+    assert logged[0].requires_grad and not logged[1].requires_grad and graph[1].requires_grad
+    torch.testing.assert_close(logged[1], graph[1].detach())
+    for coef in (0.0, 0.5):  # the fused first forward follows the config too
+        out = fill_from_forward(ac, dataclasses.replace(ro), 1.0, PPOConfig(entropy_coef=coef))
+        assert out[1].requires_grad == (coef > 0)
+
+    def policy_grads(loss):
+        ac.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in ac.policy.named_parameters() if p.grad is not None}
+
+    grads, idx = {}, torch.arange(B)
+    for coef in (0.0, 0.5):
+        update = PPOUpdate(PPOConfig(entropy_coef=coef), FixedKL(0.0), GAE(), max_new_tokens=R)
+        rewards, _, scores = update.rewards(ro)
+        adv, ret = update.advantages(rewards, ro.values, ro.mask, scores)
+        grads[coef] = policy_grads(update.minibatch_loss(ac, ro, idx, adv, ret)[0])
+    bonus = policy_grads(-0.5 * masked_mean(graph[1], ro.mask))
+    assert any(g.abs().sum() > 0 for g in bonus.values())
+    for k, g in bonus.items():
+        torch.testing.assert_close(grads[0.5][k] - grads[0.0].get(k, 0), g, atol=1e-6, rtol=1e-4)

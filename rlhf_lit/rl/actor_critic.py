@@ -41,14 +41,23 @@ class ActorCritic(nn.Module):
             groups["critic"] = ((self.critic or self.value_head).parameters(), critic_max_norm)
         return groups
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float = 1.0):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompt_len: int,
+        temperature: float = 1.0,
+        entropy_grad: bool = True,
+    ):
         """Log-probs and entropy of the response tokens and the values before each of them.
 
         input_ids, attention_mask: (B, P + R). Returns logprobs, entropy, values: (B, R) (values None
         without a critic). Position P-1 predicts the first response token, hence the shift.
+        ``entropy_grad=False``: the entropy without a graph (logged, no entropy bonus in the loss).
         """
         hidden, head = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
-        logprobs, entropy = chunked_logprobs(hidden, head, input_ids[:, prompt_len:], temperature, entropy=True)
+        targets = input_ids[:, prompt_len:]
+        logprobs, entropy = chunked_logprobs(hidden, head, targets, temperature, True, entropy_grad=entropy_grad)
         values = None
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask)[:, prompt_len - 1 : -1]

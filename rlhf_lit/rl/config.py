@@ -46,6 +46,11 @@ class PPOConfig:
         """Whether the first training forward can stand in for the scoring pass (see fuse_first_forward)."""
         return self.fuse_first_forward and self.ppo_epochs == 1 and self.num_minibatches == 1 and not dropout_active
 
+    @property
+    def entropy_bonus(self) -> bool:
+        """Whether the loss has an entropy term; without one the entropy is only logged, computed without a graph."""
+        return self.entropy_coef > 0
+
     value_clip: Optional[float] = 0.2
     """value clip around the rollout's values (None: plain squared error)"""
     vf_coef: float = 1.0

@@ -63,11 +63,12 @@ def repeat_groups(batch: dict, k: int) -> tuple[Tensor, Tensor, list[str], dict]
     return ids, mask, prompts, columns
 
 
-def fill_from_forward(ac: ActorCritic, ro: Rollout, temperature: float) -> tuple:
+def fill_from_forward(ac: ActorCritic, ro: Rollout, temperature: float, algo: Optional[PPOConfig] = None) -> tuple:
     """The fused first forward (PPOConfig.fuse_first_forward): the training forward of the whole batch, whose
     detached log-probs, entropy and values become the rollout's old ones (one pass instead of two).
-    Returns the forward's (logprobs, entropy, values), with gradients, for the update."""
-    out = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, temperature)
+    Returns the forward's (logprobs, entropy, values), with gradients, for the update (the entropy's only
+    where ``algo`` has an entropy bonus)."""
+    out = ac(ro.input_ids, ro.attention_mask, ro.prompt_len, temperature, algo is None or algo.entropy_bonus)
     ro.logprobs, ro.entropy = out[0].detach(), out[1].detach()
     ro.values = out[2].detach() if out[2] is not None else None
     return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rlhf_lit.hf.chat_format import ChatFormat, Prompt
 from rlhf_lit.hf.models import accepts_arg, cache_arg, returned_cache
@@ -165,7 +165,8 @@ def kv_loop(
     (b, p), mask = prompt_ids.shape, prompt_mask
     positions = position_ids_from_mask(mask) if accepts_arg(model, "position_ids") else None
     keep = {"logits_to_keep": 1} if accepts_arg(model, "logits_to_keep") else {}
-    past, decode = None, model
+    past, decode = None, cast_once(model)  # the prefill and every decode step share one rounded copy
+    forward = decode
     if compiled:
         past, mask, decode = static_decoding(model, prompt_mask, cfg.max_new_tokens)
     # transformers < 5.24 takes the slots a static cache writes; later ones count them in the cache itself
@@ -179,7 +180,7 @@ def kv_loop(
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     out, tokens = None, []
     for i in range(cfg.max_new_tokens):
-        out = (decode if i else model)(**step, **cache_arg(model, past), use_cache=True, **keep)
+        out = (decode if i else forward)(**step, **cache_arg(model, past), use_cache=True, **keep)
         past = returned_cache(out)
         nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
         tokens.append(nxt)
@@ -195,6 +196,32 @@ def kv_loop(
             positions = positions[:, -1:] + 1
             step["position_ids"] = positions
     return torch.stack(tokens, 1)
+
+
+def cast_once(model: nn.Module):
+    """``model``'s forward with its linear layers' fp32 weights and biases rounded once to the autocast dtype,
+    for the KV loop's forwards under autocast. Autocast caches no casts in inference mode, so every decode
+    step would round every weight again: 3.0 s of a 6.5 s SmolLM2 rollout on CPU (issue #30). The copies
+    are the bits autocast makes (it rounds each linear's inputs the same way), so the tokens do not change;
+    embeddings and norms keep their fp32 weights, as under autocast; the copies (half the fp32 linear
+    weights' size: less than the gradients a full fine-tuning step holds, not under LoRA) live for one call
+    of :func:`kv_loop`. Without autocast, or with parameters DeepSpeed ZeRO-3 partitions, the model itself."""
+    params = list(model.parameters())
+    device = params[0].device.type if params else "cpu"
+    if not torch.is_autocast_enabled(device) or any(hasattr(p, "ds_id") for p in params):
+        return model
+    dtype = torch.get_autocast_dtype(device)
+    casts = {
+        f"{name}.{key}" if name else key: p.to(dtype)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        for key, p in module.named_parameters(recurse=False)
+        if p.dtype == torch.float32
+    }
+    if not casts:
+        return model
+    # tie_weights=False: a tied LM head gets its bf16 copy while the embedding it shares keeps fp32
+    return lambda **kw: torch.func.functional_call(model, casts, (), kw, tie_weights=False, strict=False)
 
 
 _COMPILED: dict = {}  # model class -> its compiled forward (a class, not the model: no reference kept to it)

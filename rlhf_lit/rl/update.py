@@ -117,7 +117,7 @@ class PPOUpdate:
         if a.overlong_filter:  # truncated responses carry no signal about where to stop (DAPO)
             mask = mask * ro.ended[idx].unsqueeze(-1).float()
         if out is None:
-            out = ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.temperature)
+            out = ac(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, self.temperature, a.entropy_bonus)
         else:
             out = tuple(t[idx] if t is not None else None for t in out)
         logprobs, entropy, values = out

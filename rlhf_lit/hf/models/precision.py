@@ -67,6 +67,12 @@ def _upcast(module: nn.Module, args: tuple, kwargs: dict):
     params = list(module.parameters(recurse=False))
     if not params or params[0].dtype == torch.float32 or getattr(module, "_compute_held", False):
         return None
+    device = params[0].device.type
+    if isinstance(module, nn.Linear) and torch.is_autocast_enabled(device):
+        if torch.get_autocast_dtype(device) == params[0].dtype:
+            # autocast rounds the fp32 copy and the inputs back to the held dtype for the matmul: the held
+            # weights give the same bits without two copies of every weight per forward (#30)
+            return None
     module._held_half = [p.data for p in params]
     for p in params:
         p.data = p.data.float()
