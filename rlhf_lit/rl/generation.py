@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.hf.chat_format import ChatFormat, Prompt
-from rlhf_lit.hf.models import accepts_arg, cache_arg, returned_cache
+from rlhf_lit.hf.models import accepts_arg, autocast_dtype, cache_arg, returned_cache
 from rlhf_lit.math.ops import pad_sequences, position_ids_from_mask
 from rlhf_lit.rl.vllm_engine import VLLMOptions
 
@@ -165,8 +165,8 @@ def kv_loop(
     (b, p), mask = prompt_ids.shape, prompt_mask
     positions = position_ids_from_mask(mask) if accepts_arg(model, "position_ids") else None
     keep = {"logits_to_keep": 1} if accepts_arg(model, "logits_to_keep") else {}
-    past, decode = None, cast_once(model)  # the prefill and every decode step share one rounded copy
-    forward = decode
+    past, prefill = None, cast_once(model)  # the prefill and every eager decode step share one rounded copy
+    decode = prefill
     if compiled:
         past, mask, decode = static_decoding(model, prompt_mask, cfg.max_new_tokens)
     # transformers < 5.24 takes the slots a static cache writes; later ones count them in the cache itself
@@ -180,7 +180,7 @@ def kv_loop(
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     out, tokens = None, []
     for i in range(cfg.max_new_tokens):
-        out = (decode if i else forward)(**step, **cache_arg(model, past), use_cache=True, **keep)
+        out = (decode if i else prefill)(**step, **cache_arg(model, past), use_cache=True, **keep)
         past = returned_cache(out)
         nxt = pick_tokens(out.logits[:, -1], cfg).masked_fill(done, pad_id)
         tokens.append(nxt)
@@ -208,9 +208,9 @@ def cast_once(model: nn.Module):
     of :func:`kv_loop`. Without autocast, or with parameters DeepSpeed ZeRO-3 partitions, the model itself."""
     params = list(model.parameters())
     device = params[0].device.type if params else "cpu"
-    if not torch.is_autocast_enabled(device) or any(hasattr(p, "ds_id") for p in params):
+    dtype = autocast_dtype(device)
+    if dtype is None or any(hasattr(p, "ds_id") for p in params):
         return model
-    dtype = torch.get_autocast_dtype(device)
     casts = {
         f"{name}.{key}" if name else key: p.to(dtype)
         for name, module in model.named_modules()

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from rlhf_lit.errors import InputError
-from rlhf_lit.hf.models import check_frozen_dtype, hold_frozen
+from rlhf_lit.hf.models import autocast_dtype, check_frozen_dtype, hold_frozen
 from rlhf_lit.rl.update import Ranks
 from rlhf_lit.training.memory import release_freed_memory
 from rlhf_lit.training.optim import LRSchedule, clip_grad_norms, param_groups, with_fused_kernel
@@ -120,10 +120,10 @@ class StageModule(L.LightningModule):
         stage that uses each weight once per forward gains nothing from it. SmolLM2 SFT in bf16 on CPU:
         peak RSS 4,326 -> 4,218 MiB, the step as fast (#30). PPO is left as it was (its rollout runs in
         inference mode, where autocast caches nothing; its training forward was not measured without it)."""
-        device = self.device.type
-        if not torch.is_autocast_enabled(device):
+        device, dtype = self.device.type, autocast_dtype(self.device.type)
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+        return torch.autocast(device, dtype=dtype, cache_enabled=False)
 
     def ranks(self) -> Ranks:
         """This run's collectives over data-parallel ranks, for the torch-only update rooms."""

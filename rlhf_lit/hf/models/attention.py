@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlhf_lit.hf.models.precision import hardware_switch
+from rlhf_lit.hf.models.precision import autocast_dtype, hardware_switch
 
 NAME = "rlhf_lit_sdpa"
 FP32_ATTENTION_ENV = "RLHF_LIT_FP32_CPU_ATTENTION"
@@ -39,7 +39,7 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     # hands llama's attention fp32 inputs under autocast, 5.25 bf16 values beside fp32 rotary queries and
     # keys), else the values'.
     device = value.device.type
-    half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    half = autocast_dtype(device) or value.dtype
     if half not in _LOW or not upcast_attention(value.device):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():

@@ -13,6 +13,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes matmuls in on ``device_type`` ('cpu', 'cuda'), None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def check_frozen_dtype(dtype: str) -> str:
     """``dtype`` if it is a storage dtype for frozen models, else a one-line error naming the key."""
     if dtype not in FROZEN_DTYPES:
@@ -67,12 +72,10 @@ def _upcast(module: nn.Module, args: tuple, kwargs: dict):
     params = list(module.parameters(recurse=False))
     if not params or params[0].dtype == torch.float32 or getattr(module, "_compute_held", False):
         return None
-    device = params[0].device.type
-    if isinstance(module, nn.Linear) and torch.is_autocast_enabled(device):
-        if torch.get_autocast_dtype(device) == params[0].dtype:
-            # autocast rounds the fp32 copy and the inputs back to the held dtype for the matmul: the held
-            # weights give the same bits without two copies of every weight per forward (#30)
-            return None
+    if isinstance(module, nn.Linear) and autocast_dtype(params[0].device.type) == params[0].dtype:
+        # autocast rounds the fp32 copy and the inputs back to the held dtype for the matmul: the held
+        # weights give the same bits without two copies of every weight per forward (#30)
+        return None
     module._held_half = [p.data for p in params]
     for p in params:
         p.data = p.data.float()
