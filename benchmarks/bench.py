@@ -87,6 +87,8 @@ def contenders(task: str, size: str = "tiny") -> list[tuple[str, list[str]]]:
     if size != "tiny":
         # the A/B of the fp32 attention under bf16 on CPU (#30); bf16 rows only (in fp32 both are the same)
         out.append(("ours_bf16_attention", [py, str(HERE / "run_ours.py"), task, "--bf16-attention"]))
+        # the A/B of the padding-free forward (#30): the same work on padded rows
+        out.append(("ours_padded", [py, str(HERE / "run_ours.py"), task, "--padded"]))
     if task == "ppo" and size == "tiny":
         # the compiled decode step pays at the tiny size only: at SmolLM2's its generation ran 8% slower on
         # this CPU after a 95 s compile (benchmarks/README.md)

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from datamodules import collate as C
 from rlhf_lit.hf.models import load_scalar_model
+from rlhf_lit.hf.models.forward import PADDING_FREE_ENV
 from rlhf_lit.math import losses
 from rlhf_lit.math import rl as ppo
 from rlhf_lit.math.ops import logprobs_from_logits, pack_shared_prompt
@@ -126,4 +127,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A plain loop runs padded rows: the library's padding-free forward (which its scalar models, built by
+    # load_scalar_model, would otherwise take on CPU) is rlhf-lit's, measured as such (#30)
+    os.environ.setdefault(PADDING_FREE_ENV, "0")
     main()

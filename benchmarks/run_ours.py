@@ -19,6 +19,7 @@ from datamodules.blend import Blend, SourceSpec
 from modules import PPOModule, RewardModule, SFTModule
 from rlhf_lit.hf.models import HFModel, LoRA
 from rlhf_lit.hf.models.attention import FP32_ATTENTION_ENV
+from rlhf_lit.hf.models.forward import PADDING_FREE_ENV
 from rlhf_lit.hf.tokenizer import HFTokenizer
 from rlhf_lit.math.estimators import GAE
 from rlhf_lit.math.kl_control import FixedKL
@@ -133,7 +134,10 @@ def main() -> None:
     p.add_argument(
         "--bf16-attention", action="store_true", help="attention in the autocast dtype, as transformers' sdpa (#30)"
     )
+    p.add_argument("--padded", action="store_true", help="padded rows, not the padding-free forward (#30's A/B)")
     a = p.parse_args()
+    if a.padded:  # the A/B of the padding-free forward (rlhf_lit.hf.models.forward.backbone_hidden)
+        os.environ[PADDING_FREE_ENV] = "0"
     if a.bf16_attention:  # the A/B of the fp32 attention on CPU (rlhf_lit.hf.models.attention)
         os.environ[FP32_ATTENTION_ENV] = "0"
     L.seed_everything(H["seed"], verbose=False)

@@ -19,6 +19,7 @@ from datamodules import collate as C
 from datamodules.sampler import ResumableSampler
 from modules import PPOModule, SFTModule
 from rlhf_lit.hf.models import LoRA, TinyModel, apply_lora, hold_frozen, lm_inputs, native_half, takes_4d_mask
+from rlhf_lit.hf.models.forward import PADDING_FREE_ENV, PADDING_FREE_FAMILIES
 from rlhf_lit.math import losses
 from rlhf_lit.math.ops import chunked_logprobs, logprobs_from_logits, pack_shared_prompt, split_shared_prompt
 from rlhf_lit.rl.actor_critic import response_hidden
@@ -186,29 +187,33 @@ def test_sft_loss_matches_a_naive_loop():
     assert torch.allclose(loss, torch.stack(terms).mean()) and stats["tokens"] == len(terms)
 
 
+def _two_ppo_steps(tokenizer_dir, path, family: str, **algo) -> torch.Tensor:
+    """The actor's and critic's parameters, flattened, after two PPO steps of tiny ``family`` models on
+    seeded rollouts (prompts of different lengths: padded rows)."""
+    torch.manual_seed(0)
+    dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
+    module = PPOModule(
+        actor=TinyModel(family, 32, 2, 4, 64, 128),
+        critic=TinyModel(family, 32, 2, 4, 64, 128, seed=1),
+        reward=CallableReward("rule_rewards:apple_share"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        generation=GenerationConfig(max_new_tokens=8),
+        algo=PPOConfig(critic_lr=1e-3, **algo),
+    )
+    dm.setup("fit")
+    module.tokenizer = dm.tokenizer
+    module.configure_model()
+    before = snapshot(module.ac)
+    t = trainer(path, max_steps=2)
+    t.fit(module, datamodule=dm)
+    assert changed(before, module.ac) and "ppo/policy_loss" in t.callback_metrics
+    return torch.cat([p.detach().flatten() for p in module.ac.parameters()])
+
+
 def test_fused_first_forward_gives_the_same_update(tokenizer_dir, tmp_path):
     """ppo_epochs 1, one minibatch: old log-probs/values from the training forward == a separate pass."""
-    params = []
-    for fuse in (True, False):
-        torch.manual_seed(0)
-        dm = datamodule(PromptDataModule, tokenizer_dir, batch_size=4, max_prompt_len=32)
-        module = PPOModule(
-            actor=TinyModel("opt", 32, 2, 4, 64, 128),
-            critic=TinyModel("opt", 32, 2, 4, 64, 128, seed=1),
-            reward=CallableReward("rule_rewards:apple_share"),
-            optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-            generation=GenerationConfig(max_new_tokens=8),
-            algo=PPOConfig(fuse_first_forward=fuse, critic_lr=1e-3),
-        )
-        dm.setup("fit")
-        module.tokenizer = dm.tokenizer
-        module.configure_model()
-        before = snapshot(module.ac)
-        t = trainer(tmp_path / str(fuse), max_steps=2)
-        t.fit(module, datamodule=dm)
-        assert changed(before, module.ac) and "ppo/policy_loss" in t.callback_metrics
-        params.append(torch.cat([p.detach().flatten() for p in module.ac.parameters()]))
-    assert torch.allclose(params[0], params[1], atol=1e-5)
+    fused, apart = (_two_ppo_steps(tokenizer_dir, tmp_path / str(f), "opt", fuse_first_forward=f) for f in (True, False))
+    assert torch.allclose(fused, apart, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "gpt_neox", "llama"])
@@ -592,3 +597,119 @@ def test_head_on_the_loss_positions_only_gives_the_full_heads_loss_and_gradients
     assert torch.allclose(got, want, atol=1e-6)
     for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         assert torch.allclose(g, w, atol=1e-6)
+
+
+def _padding_free_outputs(m, fn, ids, mask, monkeypatch, mode):
+    """fn(m)'s outputs (a tuple of tensors read at attended places) and the gradients of a weighted sum of
+    them, under RLHF_LIT_PADDING_FREE=mode, with the number of per-sequence attention calls made."""
+    from rlhf_lit.hf.models import attention
+
+    calls = []
+    real = attention._per_sequence
+    monkeypatch.setattr(attention, "_per_sequence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(PADDING_FREE_ENV, mode)
+    outs = fn(m)
+    params = [p for p in m.parameters() if p.requires_grad]
+    weights = [torch.linspace(-1, 1, o.numel()).view_as(o) for o in outs]  # a loss that tells every entry apart
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), params, allow_unused=True)
+    return [o.detach() for o in outs], grads, len(calls)
+
+
+def _padded_rows(tok):
+    ids, mask = left_padded(tok, length=12)  # rows 0 and 2 left-padded
+    mask[1, -4:] = 0  # row 1 right-padded too, as a stopped response
+    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_free_forward_gives_the_padded_rows_results(tok, family, monkeypatch):
+    """One padding-free row (each sequence attending within itself) gives the padded rows' response log-probs,
+    values and scores, and their gradients; it is taken in exactly the families listed for it."""
+    ids, mask = _padded_rows(tok)
+    keep = mask.bool()
+
+    def lm(m):
+        hidden, head = response_hidden(m, ids, mask, prompt_len=7)
+        return (head(hidden)[keep[:, 7:]],)
+
+    def scalar(m):
+        return m(ids, mask)[keep], m.score(ids, mask)
+
+    for build, fn, forwards in ((TinyModel.build_causal_lm, lm, 1), (TinyModel.build_scalar, scalar, 2)):
+        m = build(TinyModel(family, 32, 2, 4, 64, 128, seed=0), tok).eval()
+        want, want_grads, n = _padding_free_outputs(m, fn, ids, mask, monkeypatch, "0")
+        got, grads, calls = _padding_free_outputs(m, fn, ids, mask, monkeypatch, "1")
+        assert n == 0 and calls == (2 * forwards if family in PADDING_FREE_FAMILIES else 0)  # one a layer
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.allclose(g, w, atol=1e-5)
+        for g, w in zip(grads, want_grads):
+            # fp32 sums in another order: a bias gradient of 11 moved by 2.6e-5 (CodeGen)
+            assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-4, atol=1e-5))
+
+
+def test_padding_free_forward_keeps_lora_adapters_and_checkpointing_in_the_path(tok, monkeypatch):
+    """A LoRA policy and a LoRA critic backbone (peft wrappers), gradient checkpointing in training mode: the
+    padding-free row still runs (the keyword reaches the attention) and gives the padded results."""
+    from rlhf_lit.hf.models import enable_checkpointing
+
+    ids, mask = _padded_rows(tok)
+    keep = mask.bool()
+    lora = LoRA(r=2, target_modules="all-linear")
+    policy, critic = model("llama", tok), TinyModel("llama", 32, 2, 4, 64, 128, seed=1).build_scalar(tok)
+    enable_checkpointing(policy)
+    enable_checkpointing(critic.backbone)
+    policy = apply_lora(policy, lora).train()
+    critic.backbone = apply_lora(critic.backbone, lora, task_type=None)
+    critic.train()
+    for m in (policy, critic):
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:  # adapters that change the outputs (peft starts them at 0)
+                    p.normal_(std=0.1)
+
+    def fn(m):
+        if m is critic:
+            return (m(ids, mask)[keep],)
+        hidden, head = response_hidden(m, ids, mask, prompt_len=7)
+        return (head(hidden)[keep[:, 7:]],)
+
+    for m in (policy, critic):
+        want, want_grads, _ = _padding_free_outputs(m, fn, ids, mask, monkeypatch, "0")
+        got, grads, calls = _padding_free_outputs(m, fn, ids, mask, monkeypatch, "1")
+        assert calls >= 2 and torch.allclose(got[0], want[0], atol=1e-5)
+        assert all(g is not None and (g - w).norm() <= 1e-5 * w.norm() for g, w in zip(grads, want_grads))
+
+
+def test_padding_free_needs_padding_a_2d_mask_and_the_switch(tok, monkeypatch):
+    from rlhf_lit.hf.models.forward import padding_free
+
+    m = model("llama", tok)
+    ids, mask = _padded_rows(tok)
+    inputs = lm_inputs(m, ids, mask)
+    monkeypatch.delenv(PADDING_FREE_ENV, raising=False)  # auto: on CPU
+    assert padding_free(m.base_model, inputs)
+    assert not padding_free(m.base_model, lm_inputs(m, ids, torch.ones_like(mask)))  # nothing to remove
+    assert not padding_free(m.base_model, {**inputs, "attention_mask": mask[:, None, None, :].bool()})  # 4D
+    assert not padding_free(m.base_model, {k: v for k, v in inputs.items() if k != "position_ids"})
+    eager = model("llama", tok)
+    eager.set_attn_implementation("eager")  # attends over the whole row: the sequences would see each other
+    assert not padding_free(eager.base_model, lm_inputs(eager, ids, mask))
+    windowed = model("mistral", tok)
+    assert padding_free(windowed.base_model, lm_inputs(windowed, ids, mask))
+    windowed.config.sliding_window = ids.size(1) - 1  # a window the rows exceed: only the padded rows apply it
+    assert not padding_free(windowed.base_model, lm_inputs(windowed, ids, mask))
+    monkeypatch.setenv(PADDING_FREE_ENV, "0")
+    assert not padding_free(m.base_model, inputs)
+    monkeypatch.setenv(PADDING_FREE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=PADDING_FREE_ENV):
+        padding_free(m.base_model, inputs)
+
+
+def test_ppo_step_is_the_same_with_and_without_padding(tokenizer_dir, tmp_path, monkeypatch):
+    """Two PPO steps of a tiny Llama actor and critic: the same parameters after them from padded rows and
+    from the padding-free forward."""
+    params = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv(PADDING_FREE_ENV, mode)
+        params.append(_two_ppo_steps(tokenizer_dir, tmp_path / mode, "llama"))
+    assert torch.allclose(params[0], params[1], atol=1e-5)

@@ -20,6 +20,8 @@ from rlhf_lit.hf.models.precision import autocast_dtype, hardware_switch
 
 NAME = "rlhf_lit_sdpa"
 FP32_ATTENTION_ENV = "RLHF_LIT_FP32_CPU_ATTENTION"
+SEGMENTS = "rlhf_lit_segments"
+"""the forward keyword that carries a padding-free row's sequence lengths to the attention (forward.unpadded)"""
 _LOW = (torch.bfloat16, torch.float16)
 
 
@@ -40,15 +42,34 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     # keys), else the values'.
     device = value.device.type
     half = autocast_dtype(device) or value.dtype
+    attend = _attention if kwargs.get(SEGMENTS) is None else _per_sequence
     if half not in _LOW or not upcast_attention(value.device):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attend(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(device, enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
+        out, weights = attend(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
     return out.to(half), weights
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    kwargs.pop(SEGMENTS, None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _per_sequence(module, query, key, value, attention_mask, **kwargs):
+    """Causal attention within each sequence of a padding-free row: query, key, value (1, heads, N, D)
+    hold the sequences one after another, ``kwargs[SEGMENTS]`` their lengths (summing to N). One sdpa call
+    per sequence: the FLOPs of the sequences alone, where one (N, N) block-diagonal mask would cost N^2
+    (the padding-free forward's reason to exist, #30). The row's mask is ignored. Returns (1, N, heads, D)."""
+    lengths = kwargs.pop(SEGMENTS)
+    outs, start = [], 0
+    for n in lengths:
+        end = start + n
+        part = (t[:, :, start:end] for t in (query, key, value))
+        outs.append(sdpa_attention_forward(module, *part, None, **kwargs)[0])
+        start = end
+    return torch.cat(outs, 1), None
 
 
 def register() -> None:

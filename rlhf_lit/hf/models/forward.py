@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit.hf.models.attention import NAME as ATTENTION_NAME
+from rlhf_lit.hf.models.attention import SEGMENTS
+from rlhf_lit.hf.models.precision import hardware_switch
 from rlhf_lit.math.ops import chunked_logprobs, position_ids_from_mask
 
 
@@ -65,6 +67,56 @@ def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> di
     return kw
 
 
+PADDING_FREE_ENV = "RLHF_LIT_PADDING_FREE"
+# Families whose positions come from position_ids and whose attention receives the forward's keywords, so a
+# padding-free row gives the padded rows' hidden states (each checked in tests/test_perf_options.py). BLOOM
+# (ALiBi from the 2D mask), GPT-Neo and Gemma 2 run eager attention, not rlhf-lit's.
+PADDING_FREE_FAMILIES = ("opt", "gpt2", "gpt_neox", "gptj", "codegen", "llama", "qwen2", "mistral", "gemma", "phi3")
+
+
+def padding_free(backbone: nn.Module, inputs: dict) -> bool:
+    """Whether :func:`backbone_hidden` runs ``inputs`` as one padding-free row: a family of
+    PADDING_FREE_FAMILIES under rlhf-lit's attention (which attends within each sequence), exactly the
+    keywords of :func:`lm_inputs` with a 2D mask with padding in it, no sliding window shorter than the
+    rows. ``RLHF_LIT_PADDING_FREE``: ``auto`` (default) on CPU, ``1`` on any device, ``0`` never."""
+    mask, config = inputs.get("attention_mask"), getattr(backbone, "config", None)
+    if mask is None or mask.dim() != 2 or set(inputs) != {"input_ids", "attention_mask", "position_ids"}:
+        return False
+    if getattr(config, "model_type", None) not in PADDING_FREE_FAMILIES:
+        return False
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+        return False
+    window = getattr(config, "sliding_window", None)  # the per-sequence attention applies no window
+    if isinstance(window, int) and window < mask.size(1):
+        return False
+    forced = hardware_switch(PADDING_FREE_ENV)
+    on = mask.device.type == "cpu" if forced is None else forced
+    return on and not bool(mask.all())
+
+
+def backbone_hidden(backbone: nn.Module, **inputs) -> Tensor:
+    """The backbone's last hidden states (B, T, H) for forward keywords ``inputs`` (input_ids, attention_mask
+    and position_ids (B, T), as :func:`lm_inputs` gives them). Where :func:`padding_free` allows, the
+    attended tokens run as one row of N = mask.sum() tokens, each sequence attending within itself, and
+    come back to their (B, T) places (zeros at padding): the padded rows' results for the FLOPs of the
+    real tokens. A PPO rollout of SmolLM2 is ~26% padding (left-padded prompts, right-padded responses)."""
+    if not padding_free(backbone, inputs):
+        return backbone(**inputs, use_cache=False).last_hidden_state
+    where = inputs["attention_mask"].bool().nonzero(as_tuple=True)  # row-major: each row's tokens in order
+    lengths = [n for n in inputs["attention_mask"].bool().sum(1).tolist() if n]
+    pos = inputs["position_ids"][where].unsqueeze(0)
+    # An all-ones mask: transformers builds no (N, N) mask (nor reads the restarting positions as packing)
+    out = backbone(
+        input_ids=inputs["input_ids"][where].unsqueeze(0),
+        attention_mask=torch.ones_like(pos),
+        position_ids=pos,
+        use_cache=False,
+        **{SEGMENTS: lengths},
+    )
+    hidden = out.last_hidden_state[0]
+    return hidden.new_zeros(*inputs["attention_mask"].shape, hidden.size(-1)).index_put(where, hidden)
+
+
 # Config fields by which a family's causal-LM forward changes the logits after the LM head (Gemma 2's
 # soft-capping, Cohere's logit_scale, Granite's logits_scaling). Kept beside the probe below because a
 # soft-cap is invisible on small logits (tanh(x/30)*30 ~ x): a random tiny model would pass the probe.
@@ -112,7 +164,7 @@ def lm_hidden(model: nn.Module, **inputs) -> tuple[Tensor, Callable[[Tensor], Te
         object.__setattr__(base, _PLAIN_HEAD, plain)
     if not plain:
         return model(**inputs, use_cache=False).logits, nn.Identity()
-    return base.base_model(**inputs, use_cache=False).last_hidden_state, head
+    return backbone_hidden(base.base_model, **inputs), head
 
 
 def next_token_logprobs(model: nn.Module, target_mask: Optional[Tensor] = None, **inputs) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from rlhf_lit.hf.models.adapt import gathered, merged, zero3_construction_off
-from rlhf_lit.hf.models.forward import accepts_arg, cache_arg, lm_inputs, returned_cache
+from rlhf_lit.hf.models.forward import accepts_arg, backbone_hidden, cache_arg, lm_inputs, returned_cache
 from rlhf_lit.math.ops import last_attended_index, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -41,8 +41,8 @@ class ScalarModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, T) -> values (B, T)."""
-        out = self.backbone(**lm_inputs(self.backbone, input_ids, attention_mask), use_cache=False)
-        return self.value_head(out.last_hidden_state).squeeze(-1).float()
+        hidden = backbone_hidden(self.backbone, **lm_inputs(self.backbone, input_ids, attention_mask))
+        return self.value_head(hidden).squeeze(-1).float()
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scalar score of each sequence, read at its last attended token. (B, T) -> (B,)."""
@@ -157,6 +157,6 @@ class SequenceClassifier(nn.Module):
         if not self.decoder:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         base = self.model.base_model
-        hidden = base(**lm_inputs(base, input_ids, attention_mask), use_cache=False).last_hidden_state
+        hidden = backbone_hidden(base, **lm_inputs(base, input_ids, attention_mask))
         last = hidden.gather(1, last_attended_index(attention_mask).view(-1, 1, 1).expand(-1, 1, hidden.size(-1)))
         return self.model.score(last).squeeze(-1).squeeze(-1).float()
