@@ -212,7 +212,9 @@ def _two_ppo_steps(tokenizer_dir, path, family: str, **algo) -> torch.Tensor:
 
 def test_fused_first_forward_gives_the_same_update(tokenizer_dir, tmp_path):
     """ppo_epochs 1, one minibatch: old log-probs/values from the training forward == a separate pass."""
-    fused, apart = (_two_ppo_steps(tokenizer_dir, tmp_path / str(f), "opt", fuse_first_forward=f) for f in (True, False))
+    fused, apart = (
+        _two_ppo_steps(tokenizer_dir, tmp_path / str(f), "opt", fuse_first_forward=f) for f in (True, False)
+    )
     assert torch.allclose(fused, apart, atol=1e-5)
 
 
