@@ -21,7 +21,7 @@ from rlhf_lit.hf.models.precision import autocast_dtype, hardware_switch
 NAME = "rlhf_lit_sdpa"
 FP32_ATTENTION_ENV = "RLHF_LIT_FP32_CPU_ATTENTION"
 SEGMENTS = "rlhf_lit_segments"
-"""the forward keyword that carries a padding-free row's sequence lengths to the attention (forward.unpadded)"""
+"""the forward keyword that carries a padding-free row's sequence lengths to the attention (forward.backbone_hidden)"""
 _LOW = (torch.bfloat16, torch.float16)
 
 
