@@ -12,6 +12,8 @@ machine (``1``: upcast on every device, ``0``: never; default ``auto``: on CPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -42,7 +44,8 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     # keys), else the values'.
     device = value.device.type
     half = autocast_dtype(device) or value.dtype
-    attend = _attention if kwargs.get(SEGMENTS) is None else _per_sequence
+    lengths = kwargs.pop(SEGMENTS, None)
+    attend = sdpa_attention_forward if lengths is None else functools.partial(_per_sequence, lengths=lengths)
     if half not in _LOW or not upcast_attention(value.device):
         return attend(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
@@ -52,17 +55,11 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     return out.to(half), weights
 
 
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    kwargs.pop(SEGMENTS, None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _per_sequence(module, query, key, value, attention_mask, **kwargs):
+def _per_sequence(module, query, key, value, attention_mask, lengths: list[int], **kwargs):
     """Causal attention within each sequence of a padding-free row: query, key, value (1, heads, N, D)
-    hold the sequences one after another, ``kwargs[SEGMENTS]`` their lengths (summing to N). One sdpa call
+    hold the sequences one after another, ``lengths`` their lengths (summing to N). One sdpa call
     per sequence: the FLOPs of the sequences alone, where one (N, N) block-diagonal mask would cost N^2
     (the padding-free forward's reason to exist, #30). The row's mask is ignored. Returns (1, N, heads, D)."""
-    lengths = kwargs.pop(SEGMENTS)
     outs, start = [], 0
     for n in lengths:
         end = start + n

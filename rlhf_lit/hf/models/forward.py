@@ -102,8 +102,9 @@ def backbone_hidden(backbone: nn.Module, **inputs) -> Tensor:
     real tokens. A PPO rollout of SmolLM2 is ~26% padding (left-padded prompts, right-padded responses)."""
     if not padding_free(backbone, inputs):
         return backbone(**inputs, use_cache=False).last_hidden_state
-    where = inputs["attention_mask"].bool().nonzero(as_tuple=True)  # row-major: each row's tokens in order
-    lengths = [n for n in inputs["attention_mask"].bool().sum(1).tolist() if n]
+    keep = inputs["attention_mask"].bool()
+    where = keep.nonzero(as_tuple=True)  # row-major: each row's tokens in order
+    lengths = [n for n in keep.sum(1).tolist() if n]
     pos = inputs["position_ids"][where].unsqueeze(0)
     # An all-ones mask: transformers builds no (N, N) mask (nor reads the restarting positions as packing)
     out = backbone(
@@ -114,7 +115,7 @@ def backbone_hidden(backbone: nn.Module, **inputs) -> Tensor:
         **{SEGMENTS: lengths},
     )
     hidden = out.last_hidden_state[0]
-    return hidden.new_zeros(*inputs["attention_mask"].shape, hidden.size(-1)).index_put(where, hidden)
+    return hidden.new_zeros(*keep.shape, hidden.size(-1)).index_put(where, hidden)
 
 
 # Config fields by which a family's causal-LM forward changes the logits after the LM head (Gemma 2's
